@@ -1,0 +1,154 @@
+"""Wiring and lifecycle: build the proxy from config, serve it, drain it on SIGTERM/SIGINT.
+
+Shutdown: ``/readyz`` turns 503, the listener stops accepting, idle client connections are
+closed, requests in flight (streams included) get ``shutdown.grace_s`` to finish, and whatever
+is left is cut. The process then exits 0. A second signal cuts the grace period short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from lb.admin import make_admin_app
+from lb.build import build_pools, build_router, forwarding_settings, listener_limits
+from lb.config import Config, host_port
+from lb.downstream import ClientConnection
+from lb.metrics import ProxyCollector, make_registry
+from lb.proxy import Proxy
+
+log = logging.getLogger("lb")
+
+
+class App:
+    """A running proxy: the data-plane listener, the admin listener and their state."""
+
+    def __init__(self, config: Config, source: str = "<config>") -> None:
+        self.config = config
+        self.source = source
+        self.proxy: Proxy | None = None
+        self.port = 0
+        self.admin_port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._admin: web.AppRunner | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._grace_cut = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind both listeners; raises ``OSError`` if a port cannot be bound."""
+        config = self.config
+        pools = build_pools(config, self.source)
+        limits = listener_limits(config)
+        proxy = Proxy(build_router(config, pools), pools, limits, forwarding_settings(config))
+        self.proxy = proxy
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(proxy, limits),
+            config.listen.host,
+            config.listen.port,
+            backlog=4096,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        if config.admin.enabled:
+            registry = make_registry(
+                ProxyCollector(lambda: proxy.pools, lambda: len(proxy.connections))
+            )
+            self._admin = web.AppRunner(
+                make_admin_app(registry, lambda: not proxy.draining), access_log=None
+            )
+            await self._admin.setup()
+            site = web.TCPSite(self._admin, config.admin.host, config.admin.port)
+            await site.start()
+            self.admin_port = config.admin.port
+        log.info(
+            "proxy listening on http://%s, admin on %s",
+            host_port(config.listen.host, self.port),
+            f"http://{host_port(config.admin.host, self.admin_port)}"
+            if config.admin.enabled
+            else "(disabled)",
+        )
+
+    async def shutdown(self) -> None:
+        """Drain and stop; safe to call more than once (a second call cuts the grace period)."""
+        if self._stopping:
+            self._grace_cut.set()
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        proxy = self.proxy
+        assert proxy is not None
+        proxy.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(proxy.connections):
+            conn.close_if_idle()
+        grace_s = self.config.shutdown.grace_s
+        log.info("draining: %d requests in flight, grace %gs", proxy.active_requests, grace_s)
+        if proxy.active_requests:
+            waiters = [
+                asyncio.ensure_future(proxy.idle.wait()),
+                asyncio.ensure_future(self._grace_cut.wait()),
+            ]
+            await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+        if proxy.active_requests:
+            log.warning("grace period over: cutting %d requests", proxy.active_requests)
+        for conn in list(proxy.connections):
+            conn.abort()
+        for pool in proxy.pools.values():
+            pool.close()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: Config, source: str) -> int:
+    """Run until SIGTERM or SIGINT, then drain; returns the exit code."""
+    app = App(config, source)
+    try:
+        await app.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    shutdown_tasks: set[asyncio.Task[None]] = set()
+
+    def on_signal(signum: int) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        task = loop.create_task(app.shutdown())
+        shutdown_tasks.add(task)
+        task.add_done_callback(shutdown_tasks.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await app.wait_stopped()
+    return 0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run(config: Config, source: str) -> int:
+    """Entry point used by the CLI: the event loop is uvloop's when it is installed."""
+    setup_logging(config.log_level)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.run(serve(config, source))
+    return int(uvloop.run(serve(config, source)))

@@ -1,0 +1,79 @@
+"""Live state of one upstream backend: identity, weight and the load numbers strategies read.
+
+The numbers here (in-flight count, latency estimate, outcome counters) are written only by
+:class:`lb.load.Attempt`, the guard around each upstream attempt; strategies, metrics and the
+admin side read them. What is read is what was used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+# Peak-EWMA defaults (tower's `load::peak_ewma`, Finagle's `PeakEwma`): the estimate decays
+# towards new samples with time constant `decay_s`, but jumps up to any sample above it at once.
+DEFAULT_DECAY_S = 10.0
+# Estimate for a backend that has never answered: a modest guess, so new backends get tried.
+DEFAULT_RTT_S = 0.030
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    """One upstream server of a pool.
+
+    ``name`` is the stable identifier used in logs, metrics labels and the response header;
+    it defaults to ``host:port``. ``weight`` is a positive integer (default 1).
+    Identity is the object itself (``eq=False``), so a backend can key dicts and sets.
+    """
+
+    url: str
+    name: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+    healthy: bool = True
+
+    # Load, written only by lb.load.Attempt.
+    in_flight: int = 0
+    rtt_estimate_s: float = DEFAULT_RTT_S
+    rtt_stamp_s: float = 0.0  # clock reading when rtt_estimate_s was last updated
+    requests_total: int = 0
+    failures_total: int = 0
+    consecutive_failures: int = 0
+    # Responses by status class: index 1..5 for 1xx..5xx, index 0 for "no response".
+    responses_by_class: list[int] = field(default_factory=lambda: [0] * 6)
+
+    @classmethod
+    def from_url(cls, url: str, *, weight: int = 1, name: str | None = None) -> Backend:
+        """Build a backend from ``http://host:port`` (or ``https://``); port defaults by scheme."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {parts.scheme!r} (use http or https)")
+        host = parts.hostname
+        if not host:
+            raise ValueError("URL has no host")
+        port = parts.port or (443 if scheme == "https" else 80)
+        return cls(
+            url=url,
+            name=name or f"{host}:{port}",
+            scheme=scheme,
+            host=host,
+            port=port,
+            weight=weight,
+        )
+
+    def rtt_at(self, now_s: float, decay_s: float = DEFAULT_DECAY_S) -> float:
+        """The latency estimate as of ``now_s``, decayed towards the default guess.
+
+        An estimate that is not refreshed by traffic relaxes towards ``DEFAULT_RTT_S``, so a
+        backend that was once slow (or failed) is tried again after a while instead of being
+        shunned forever.
+        """
+        age = now_s - self.rtt_stamp_s
+        if age <= 0.0:
+            return self.rtt_estimate_s
+        w = math.exp(-age / decay_s)
+        return self.rtt_estimate_s * w + DEFAULT_RTT_S * (1.0 - w)

@@ -1,0 +1,121 @@
+"""A request body on its way from the client to a backend: streamed, bounded, replayable.
+
+Chunks are written to the current upstream connection as they arrive. Until one is attached
+they are held, and the client is paused once ``hold_bytes`` are waiting. While the body is no
+larger than ``replay_bytes`` every chunk is also kept, so a failed attempt can be replayed on a
+fresh connection; a larger body is streamed through without a copy and cannot be retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from lb.errors import BodyTooLarge
+from lb.http1 import Headers, chunk, last_chunk
+
+
+class BodyWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+class RequestBody:
+    """The body of one client request; ``chunked`` bodies are re-framed chunk by chunk."""
+
+    __slots__ = (
+        "_chunks",
+        "_holding",
+        "_on_hold",
+        "_sent_any",
+        "chunked",
+        "complete",
+        "hold_bytes",
+        "max_bytes",
+        "replay_bytes",
+        "replayable",
+        "sink",
+        "size",
+        "trailers",
+    )
+
+    def __init__(
+        self,
+        *,
+        chunked: bool,
+        max_bytes: int,
+        replay_bytes: int = 1 << 20,
+        hold_bytes: int = 256 << 10,
+        on_hold: Callable[[bool], None] | None = None,
+        complete: bool = False,
+    ) -> None:
+        self.chunked = chunked
+        self.max_bytes = max_bytes
+        self.replay_bytes = replay_bytes
+        self.hold_bytes = hold_bytes
+        self.complete = complete
+        self.replayable = True
+        self.size = 0
+        self.sink: BodyWriter | None = None
+        self.trailers: Headers = []
+        self._chunks: list[bytes] = []
+        self._on_hold = on_hold
+        self._sent_any = False
+        self._holding = False
+
+    @property
+    def can_replay(self) -> bool:
+        """True while every byte received so far is still held for another attempt."""
+        return self.replayable or not self._sent_any
+
+    def feed(self, data: bytes) -> None:
+        """Take a chunk from the client; raises :class:`BodyTooLarge` past ``max_bytes``."""
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            raise BodyTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
+        sink = self.sink
+        if sink is not None:
+            sink.write(chunk(data) if self.chunked else data)
+            self._sent_any = True
+            if self.replayable:
+                if self.size > self.replay_bytes:
+                    self.replayable = False
+                    self._chunks.clear()
+                else:
+                    self._chunks.append(data)
+            return
+        self._chunks.append(data)
+        if self.replayable and self.size > self.replay_bytes:
+            self.replayable = False
+        if self.size > self.hold_bytes and not self._holding and self._on_hold is not None:
+            self._holding = True
+            self._on_hold(True)
+
+    def finish(self, trailers: Headers) -> None:
+        """The client's message is complete."""
+        self.complete = True
+        self.trailers = trailers
+        if self.sink is not None and self.chunked:
+            self.sink.write(last_chunk(trailers))
+
+    def attach(self, sink: BodyWriter) -> bytes:
+        """Make ``sink`` the destination; returns the held bytes (framed) to write first."""
+        self.sink = sink
+        chunks = self._chunks
+        if self.chunked:
+            out = b"".join([chunk(c) for c in chunks])
+            if self.complete:
+                out += last_chunk(self.trailers)
+        else:
+            out = b"".join(chunks)
+        if chunks:
+            self._sent_any = True
+        if not self.replayable:
+            self._chunks = []
+        if self._holding:
+            self._holding = False
+            if self._on_hold is not None:
+                self._on_hold(False)
+        return out
+
+    def detach(self) -> None:
+        self.sink = None

@@ -1,0 +1,132 @@
+"""The ``lb`` command line: run the proxy, check a configuration file, print its schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from lb.config import Config, ConfigError, RouteConfig, host_port, load_config
+
+DEFAULT_CONFIG = "config.yaml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+EXIT_CONFIG_ERROR = 2
+
+
+def check_strategies(config: Config, source: str) -> None:
+    """Raise :class:`ConfigError` at ``pools[i].strategy`` for each unknown strategy name.
+
+    Names are looked up with ``lb.strategies.resolve``; if that cannot be imported the check
+    is skipped. ``lb.config`` cannot do this itself: the strategy registry sits above it.
+    """
+    try:
+        from lb.strategies import resolve  # late: `lb check` works without the registry
+    except ImportError:
+        return
+    problems = []
+    for i, pool in enumerate(config.pools):
+        try:
+            resolve(pool.strategy)
+        except ValueError as exc:
+            problems.append((f"pools[{i}].strategy", str(exc)))
+    if problems:
+        raise ConfigError.from_problems(source, problems)
+
+
+def summary(config: Config, source: str) -> str:
+    """What ``lb check`` prints for a valid file: listeners, pools with backends, routes."""
+    listen = host_port(config.listen.host, config.listen.port)
+    admin = host_port(config.admin.host, config.admin.port) if config.admin.enabled else None
+    lines = [f"{source}: OK", f"listen {listen}, " + (f"admin {admin}" if admin else "no admin")]
+    for pool in config.pools:
+        count = len(pool.backends)
+        plural = "" if count == 1 else "s"
+        lines.append(f"pool {pool.name} ({pool.strategy}): {count} backend{plural}")
+        width = max(len(backend.name or "") for backend in pool.backends)
+        for backend in pool.backends:
+            name = (backend.name or "").ljust(width)
+            lines.append(f"  {name}  {backend.url}  weight {backend.weight}")
+    for route in config.routes:
+        lines.append(f"route {_describe(route)} -> {route.pool}")
+    if not config.routes:
+        lines.append(f"no routes: every request goes to pool {config.pools[0].name}")
+    return "\n".join(lines)
+
+
+def _describe(route: RouteConfig) -> str:
+    parts = [",".join(route.methods)] if route.methods else []
+    parts.append(route.path_prefix)
+    parts.extend(f"{name}={value}" for name, value in route.headers.items())
+    return " ".join(parts)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Options live on both the main parser and the subcommands; SUPPRESS keeps a subcommand's
+    # absent option from overwriting one given before the subcommand name.
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"configuration file (default: $LB_CONFIG, else {DEFAULT_CONFIG})",
+    )
+    level_option = argparse.ArgumentParser(add_help=False)
+    level_option.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="override log_level from the configuration file",
+    )
+    parser = argparse.ArgumentParser(
+        prog="lb",
+        description="Load-balancing reverse proxy for AI model servers.",
+        parents=[config_option, level_option],
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "run", parents=[config_option, level_option], help="run the proxy (the default)"
+    )
+    commands.add_parser(
+        "check", parents=[config_option], help="validate a configuration file and summarise it"
+    )
+    commands.add_parser("schema", help="print the configuration's JSON schema")
+    return parser
+
+
+def _run(config: Config, config_path: str, log_level: str | None) -> int:
+    if log_level is not None:
+        config = config.model_copy(update={"log_level": log_level})
+    from lb import app  # late: lb.app sits at the top of the package and pulls in everything
+
+    try:
+        result = app.run(config, config_path)
+    except KeyboardInterrupt:
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Exit code 2 means the configuration is invalid; the reason is printed to stderr.
+    """
+    args = _parser().parse_args(argv)
+    command: str = args.command or "run"
+    if command == "schema":
+        print(json.dumps(Config.model_json_schema(), indent=2))
+        return 0
+    config_path: str = (
+        getattr(args, "config", None) or os.environ.get("LB_CONFIG") or DEFAULT_CONFIG
+    )
+    try:
+        config = load_config(config_path)
+        check_strategies(config, config_path)
+        if command == "check":
+            print(summary(config, config_path))
+            return 0
+        return _run(config, config_path, getattr(args, "log_level", None))
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"lb: {line}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR

@@ -1,0 +1,396 @@
+"""The client side of the proxy: one protocol instance per client connection, parsed by llhttp.
+
+It turns bytes into :class:`IncomingRequest` objects and hands each to the request handler, one
+at a time and in order (pipelined requests wait, and reading pauses, while one is answered). It
+enforces the limits a client cannot be trusted with: header size, time to send the headers,
+body size, idle keep-alive time. Malformed input gets a 4xx JSON answer and the connection is
+closed; nothing a client sends can raise out of this protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import httptools
+
+from lb.body import RequestBody
+from lb.errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    ProxyError,
+    RequestTimeout,
+    error_body,
+)
+from lb.http1 import Headers, status_line
+
+log = logging.getLogger("lb.downstream")
+
+# Reasons the client's reading is paused; reading resumes when none is left.
+PAUSE_PIPELINE = 1  # a pipelined request waits for the one before it
+PAUSE_BODY_HELD = 2  # body bytes wait for an upstream connection
+PAUSE_UPSTREAM = 4  # the backend is not reading the body as fast as the client sends it
+
+
+@dataclass(slots=True)
+class ListenerLimits:
+    """Per-connection limits; see ``lb.config.Limits`` for the meaning and defaults."""
+
+    max_header_bytes: int = 65536
+    max_body_bytes: int = 32 << 20
+    header_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    replay_bytes: int = 1 << 20
+    request_id_header: bytes = b"x-request-id"
+
+
+class IncomingRequest:
+    """A client request: its head as received, its body stream and its response state."""
+
+    __slots__ = (
+        "body",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "request_id",
+        "response_reusable",
+        "response_started",
+        "status",
+        "url",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.version = "1.1"
+        self.headers: Headers = []
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.host: bytes | None = None
+        self.request_id: bytes | None = None
+        self.body: RequestBody = None  # type: ignore[assignment]  # set at headers-complete
+        self.response_started = False
+        self.response_reusable = False  # the response was framed so the connection can go on
+        self.status = 0  # the status answered to the client, once known
+
+    @property
+    def path(self) -> bytes:
+        """The request target without the query string."""
+        q = self.url.find(b"?")
+        return self.url if q < 0 else self.url[:q]
+
+
+class Handler(Protocol):
+    draining: bool
+    connections: set[ClientConnection]
+
+    def handle(self, conn: ClientConnection, req: IncomingRequest) -> Coroutine[Any, Any, None]: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests, runs them through the handler in order."""
+
+    def __init__(self, handler: Handler, limits: ListenerLimits) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer_ip = ""
+        self.closed = False
+        self.write_paused = False
+        self.upstream: Any = None  # the UpstreamConnection answering now, for backpressure
+        self._parser = httptools.HttpRequestParser(self)
+        self._parsing: IncomingRequest | None = None
+        self._current: IncomingRequest | None = None
+        self._queue: deque[IncomingRequest] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._pause = 0
+        self._header_bytes = 0
+        self._headers_done = False
+        self._callback_error: ProxyError | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.handler.connections.add(self)
+        self._arm(self.limits.header_timeout_s, self._on_header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # Protocol upgrades are not proxied: the Upgrade header was dropped as hop-by-hop,
+            # so the request is answered as plain HTTP/1.1; parse what follows it.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            if offset < len(data):
+                self.data_received(data[offset:])
+        except httptools.HttpParserError as exc:
+            err = self._callback_error or BadRequest(f"malformed HTTP request: {exc}")
+            self._callback_error = None
+            self._fail(err)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.handler.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()  # the handler aborts the upstream request: the client is gone
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # -- llhttp callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing = IncomingRequest()
+        self._header_bytes = 0
+        self._headers_done = False
+        if self._current is None:
+            self._arm(self.limits.header_timeout_s, self._on_header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header_bytes(len(url))
+        req = self._parsing
+        assert req is not None
+        req.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        if self._headers_done:
+            req.body.trailers.append((name, value))
+            return
+        self._count_header_bytes(len(name) + len(value) + 4)
+        req.headers.append((name, value))
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._callback_error = HeadersTooLarge(
+                f"request line and headers exceed {self.limits.max_header_bytes} bytes"
+            )
+            raise self._callback_error
+
+    def on_headers_complete(self) -> None:
+        req = self._parsing
+        assert req is not None
+        self._headers_done = True
+        parser = self._parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        rid_name = self.limits.request_id_header
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                req.content_length = int(value)  # llhttp has checked digits and duplicates
+            elif lname == b"transfer-encoding":
+                req.chunked = True  # llhttp accepts it only with chunked as the final coding
+            elif lname == b"host":
+                req.host = value
+            elif lname == b"expect":
+                req.expect_continue = value.strip().lower() == b"100-continue"
+            elif lname == rid_name:
+                req.request_id = value
+        limit = self.limits.max_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            self._callback_error = BodyTooLarge(
+                f"request body of {req.content_length} bytes exceeds the limit of {limit} bytes"
+            )
+            raise self._callback_error
+        has_body = req.chunked or bool(req.content_length)
+        req.body = RequestBody(
+            chunked=req.chunked,
+            max_bytes=limit,
+            replay_bytes=self.limits.replay_bytes,
+            on_hold=self._hold_body,
+            complete=not has_body,
+        )
+        if self._current is None:
+            self._cancel_timer()
+            self._start(req)
+        else:
+            self._queue.append(req)
+            self._pause_reading(PAUSE_PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        try:
+            req.body.feed(data)
+        except BodyTooLarge as exc:
+            self._callback_error = exc
+            raise
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        assert req is not None
+        self._parsing = None
+        if not req.body.complete:
+            req.body.finish(req.body.trailers)
+
+    # -- request lifecycle ------------------------------------------------------------------
+
+    def _start(self, req: IncomingRequest) -> None:
+        self._current = req
+        if req.expect_continue and not req.body.complete:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._task = self.loop.create_task(self.handler.handle(self, req))
+
+    def request_done(self, req: IncomingRequest) -> None:
+        """Called once by the handler when ``req`` has been answered (or abandoned)."""
+        self._current = None
+        self._task = None
+        self.upstream = None
+        if self.closed:
+            return
+        if not (
+            req.keep_alive
+            and req.response_reusable
+            and req.body.complete
+            and not self.handler.draining
+        ):
+            self.close()
+            return
+        self._resume_reading(PAUSE_BODY_HELD | PAUSE_UPSTREAM)
+        if self._queue:
+            nxt = self._queue.popleft()
+            if not self._queue:
+                self._resume_reading(PAUSE_PIPELINE)
+            self._start(nxt)
+        elif self._parsing is None:
+            self._arm(self.limits.keepalive_timeout_s, self.close)
+        else:
+            self._arm(self.limits.header_timeout_s, self._on_header_timeout)
+
+    def answer_error(self, req: IncomingRequest | None, err: ProxyError) -> None:
+        """Answer ``err`` as JSON; after a response has started, cut the connection instead."""
+        if self.closed:
+            return
+        if req is not None and req.response_started:
+            self.abort()
+            return
+        body = error_body(err)
+        keep = (
+            req is not None
+            and req.keep_alive
+            and req.body.complete
+            and err.status in (404, 502, 503, 504)
+            and not self.handler.draining
+        )
+        head = [
+            status_line(err.status),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+        ]
+        if req is not None and req.request_id is not None:
+            head.append(self.limits.request_id_header + b": " + req.request_id + b"\r\n")
+        if not keep:
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head) + body)
+        if req is not None:
+            req.response_started = True
+            req.response_reusable = keep
+            req.status = err.status
+
+    def close_if_idle(self) -> None:
+        """Close the connection unless a request is being read or answered (used on drain)."""
+        if self._current is None and self._parsing is None:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    def _fail(self, err: ProxyError) -> None:
+        """The input is unusable: answer ``err`` if nothing else is being answered, then close."""
+        self._pause_reading(PAUSE_PIPELINE)
+        self._queue.clear()
+        current = self._current
+        if current is None:
+            self.answer_error(None, err)
+            self.close()
+        elif current is self._parsing:
+            # The failing input is the body of the request being answered.
+            if self._task is not None:
+                self._task.cancel()
+            self.answer_error(current, err)
+            self.close()
+        else:
+            # A later pipelined request is bad: finish the current one, then close.
+            current.keep_alive = False
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        if self._current is None and self._parsing is not None:
+            self.answer_error(None, RequestTimeout("the request headers did not arrive in time"))
+        self.close()
+
+    def _hold_body(self, holding: bool) -> None:
+        if holding:
+            self._pause_reading(PAUSE_BODY_HELD)
+        else:
+            self._resume_reading(PAUSE_BODY_HELD)
+
+    def pause_for_upstream(self, paused: bool) -> None:
+        if paused:
+            self._pause_reading(PAUSE_UPSTREAM)
+        else:
+            self._resume_reading(PAUSE_UPSTREAM)
+
+    def _pause_reading(self, reason: int) -> None:
+        if not self._pause and not self.closed:
+            self.transport.pause_reading()
+        self._pause |= reason
+
+    def _resume_reading(self, reasons: int) -> None:
+        if not self._pause:
+            return
+        self._pause &= ~reasons
+        if not self._pause and not self.closed:
+            self.transport.resume_reading()
+
+    def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay_s, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,83 @@
+"""The errors a client can see, and the one JSON shape they are rendered in.
+
+Low-level failures (socket errors, parser errors, timeouts) are mapped to these at the boundary
+where they happen; everything above works with this short, flat hierarchy.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class ProxyError(Exception):
+    """An error answered to the client with ``status`` and a JSON body of ``type``/``message``."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, pool: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.pool = pool
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "bad_request"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    type = "no_route"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "request_timeout"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "body_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "headers_too_large"
+
+
+class UpstreamUnreachable(ProxyError):
+    """The backend could not be connected to (refused, unreachable, connect timeout)."""
+
+    status = 502
+    type = "backend_unreachable"
+
+
+class UpstreamFailed(ProxyError):
+    """The backend closed, reset or spoke invalid HTTP before a complete response."""
+
+    status = 502
+    type = "backend_error"
+
+
+class NoBackendAvailable(ProxyError):
+    status = 503
+    type = "no_backend_available"
+
+
+class ShuttingDown(ProxyError):
+    status = 503
+    type = "shutting_down"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "timeout"
+
+
+def error_body(err: ProxyError) -> bytes:
+    """The stable JSON error shape: ``{"error": {"type", "message", "pool"}}``."""
+    return json.dumps(
+        {"error": {"type": err.type, "message": err.message, "pool": err.pool}},
+        separators=(",", ":"),
+    ).encode()

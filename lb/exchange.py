@@ -1,0 +1,192 @@
+"""One upstream attempt: a request written to a backend connection, its response relayed.
+
+The :class:`Exchange` is the connection's :class:`~lb.upstream.ResponseSink`. Response bytes are
+written to the client from the connection's callbacks, coalesced per read, so a chunk the
+backend writes reaches the client at once and without a task switch. Flow control runs both
+ways: a client that reads slowly pauses reading from the backend, a backend that reads slowly
+pauses reading from the client. The proxy awaits :attr:`Exchange.done`, which resolves to
+``None`` on a complete response or to the :class:`~lb.errors.ProxyError` that ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from lb.downstream import ClientConnection, IncomingRequest
+from lb.errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from lb.forwarding import ForwardingSettings, response_head
+from lb.http1 import Headers, chunk, last_chunk
+from lb.load import Attempt
+from lb.upstream import FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+
+
+class Exchange:
+    """Relays one response from ``conn`` to ``client`` for ``req``."""
+
+    __slots__ = (
+        "_chunked",
+        "_ended",
+        "_extra",
+        "_headers_timeout_s",
+        "_idle_s",
+        "_last_s",
+        "_out",
+        "_settings",
+        "_timer",
+        "attempt",
+        "client",
+        "conn",
+        "done",
+        "loop",
+        "req",
+        "stale",
+        "status",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        req: IncomingRequest,
+        conn: UpstreamConnection,
+        attempt: Attempt,
+        *,
+        extra_headers: bytes,
+        settings: ForwardingSettings,
+        headers_timeout_s: float | None,
+        idle_timeout_s: float | None,
+    ) -> None:
+        self.client = client
+        self.req = req
+        self.conn = conn
+        self.attempt = attempt
+        self.loop = client.loop
+        self.done: asyncio.Future[ProxyError | None] = self.loop.create_future()
+        self.stale = False  # failed on a reused connection before any response byte
+        self.status = 0
+        self._extra = extra_headers
+        self._settings = settings
+        self._headers_timeout_s = headers_timeout_s
+        self._idle_s = idle_timeout_s
+        self._timer: asyncio.TimerHandle | None = None
+        self._out: list[bytes] = []
+        self._chunked = False
+        self._ended = False
+        self._last_s = 0.0
+
+    def start(self, head: bytes) -> None:
+        """Write the request head and the body held so far; stream the rest as it comes."""
+        client, conn, req = self.client, self.conn, self.req
+        client.upstream = conn
+        data = head + req.body.attach(conn)
+        conn.begin(self, req.body, req.method == b"HEAD", data)
+        if client.write_paused:
+            conn.pause_reading()
+        if self._headers_timeout_s is not None:
+            self._timer = self.loop.call_later(self._headers_timeout_s, self._on_headers_timeout)
+
+    def close(self) -> None:
+        """End the attempt whatever state it is in; the connection is cut if it is unfinished."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        body = self.req.body
+        if body.sink is self.conn:
+            body.detach()
+        if self.client.upstream is self.conn:
+            self.client.upstream = None
+            self.client.pause_for_upstream(False)
+        if self.conn.sink is self:
+            self.conn.abort()
+
+    # -- ResponseSink -----------------------------------------------------------------------
+
+    def on_response_head(
+        self, status: int, headers: Headers, framing: int, keep_alive: bool
+    ) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.status = status
+        self.attempt.response_started(status)
+        req = self.req
+        http11 = req.version == "1.1"
+        self._chunked = chunked = framing > FRAMING_LENGTH and http11
+        reusable = framing != FRAMING_CLOSE or chunked
+        keep = req.keep_alive and reusable and not self.client.handler.draining
+        self._out.append(
+            response_head(
+                status,
+                headers,
+                chunked=chunked,
+                keep_alive=keep,
+                http10_keep_alive=keep and not http11,
+                extra=self._extra,
+                settings=self._settings,
+            )
+        )
+        req.response_started = True
+        req.response_reusable = keep
+        req.status = status
+        if framing == FRAMING_NONE:
+            self._chunked = False
+
+    def on_response_body(self, data: bytes) -> None:
+        self._out.append(chunk(data) if self._chunked else data)
+
+    def on_response_end(self, trailers: Headers) -> None:
+        if self._chunked:
+            self._out.append(last_chunk(trailers))
+        self._ended = True
+        self._resolve(None)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            if not self.client.closed:
+                self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        if not self._ended and self.req.response_started and self._idle_s is not None:
+            self._last_s = self.loop.time()
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._last_s + self._idle_s, self._on_idle_timer)
+
+    def on_upstream_lost(self, error: UpstreamFailed, response_started: bool) -> None:
+        self.flush()
+        conn = self.conn
+        self.stale = not response_started and not conn.got_bytes and conn.reused
+        self._resolve(error)
+
+    def on_upstream_write_paused(self, paused: bool) -> None:
+        self.client.pause_for_upstream(paused)
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def _on_headers_timeout(self) -> None:
+        self._timer = None
+        self.conn.abort()
+        self._resolve(
+            UpstreamTimeout(
+                f"backend {self.attempt.backend.name} sent no response headers "
+                f"within {self._headers_timeout_s:g}s"
+            )
+        )
+
+    def _on_idle_timer(self) -> None:
+        self._timer = None
+        if self._ended or self._idle_s is None:
+            return
+        due = self._last_s + self._idle_s
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._on_idle_timer)
+            return
+        self.flush()
+        self.conn.abort()
+        self._resolve(
+            UpstreamTimeout(
+                f"backend {self.attempt.backend.name} sent nothing for {self._idle_s:g}s"
+            )
+        )
+
+    def _resolve(self, result: ProxyError | None) -> None:
+        if not self.done.done():
+            self.done.set_result(result)

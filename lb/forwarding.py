@@ -1,0 +1,120 @@
+"""Header hygiene: the head sent to a backend and the head sent back to the client.
+
+Hop-by-hop fields (and fields named in ``Connection``) never cross the proxy. Framing is
+re-derived on each side: the body length or ``Transfer-Encoding: chunked`` is written by the
+proxy for the connection it writes to. ``X-Forwarded-*`` and the request id are set here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+from lb.http1 import HOP_BY_HOP, Headers, connection_tokens, status_line
+
+_STRIP_FROM_REQUEST = HOP_BY_HOP | {b"expect", b"content-length"}
+_STRIP_FROM_RESPONSE = HOP_BY_HOP
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+
+_ID_PREFIX = os.urandom(6).hex().encode()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> bytes:
+    """A request id unique to this process run: a random prefix and a counter."""
+    return b"%s-%x" % (_ID_PREFIX, next(_ID_COUNTER))
+
+
+@dataclass(slots=True)
+class ForwardingSettings:
+    """How heads are rewritten; see ``lb.config.Headers`` for the defaults."""
+
+    backend_header: bytes | None = b"x-lb-backend"
+    request_id_header: bytes = b"x-request-id"
+    forwarded: bool = True
+
+
+def _has_connection_header(headers: Headers) -> bool:
+    for name, _ in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            return True
+    return False
+
+
+def request_head(
+    method: bytes,
+    url: bytes,
+    headers: Headers,
+    *,
+    host: bytes | None,
+    default_host: bytes,
+    client_ip: str,
+    request_id: bytes,
+    content_length: int | None,
+    chunked: bool,
+    settings: ForwardingSettings,
+) -> bytes:
+    """The request line and headers to send upstream, framing and forwarding fields included."""
+    tokens = connection_tokens(headers) if _has_connection_header(headers) else frozenset()
+    rid_name = settings.request_id_header
+    forwarded = settings.forwarded
+    prior_xff: list[bytes] = []
+    out = [b"%s %s HTTP/1.1\r\n" % (method, url)]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _STRIP_FROM_REQUEST or lname in tokens or lname == rid_name:
+            continue
+        if forwarded and lname in _FORWARDED:
+            if lname == b"x-forwarded-for":
+                prior_xff.append(value)
+            continue
+        out.append(b"%s: %s\r\n" % (name, value))
+    if host is None:
+        out.append(b"host: %s\r\n" % default_host)
+    if forwarded:
+        prior_xff.append(client_ip.encode())
+        out.append(b"x-forwarded-for: %s\r\n" % b", ".join(prior_xff))
+        out.append(b"x-forwarded-proto: http\r\n")
+        if host is not None:
+            out.append(b"x-forwarded-host: %s\r\n" % host)
+    out.append(b"%s: %s\r\n" % (rid_name, request_id))
+    if chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    elif content_length is not None:
+        out.append(b"content-length: %d\r\n" % content_length)
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def response_head(
+    status: int,
+    headers: Headers,
+    *,
+    chunked: bool,
+    keep_alive: bool,
+    http10_keep_alive: bool,
+    extra: bytes,
+    settings: ForwardingSettings,
+) -> bytes:
+    """The status line and headers to send to the client.
+
+    ``extra`` holds ready-made header lines the proxy adds (backend name, request id).
+    """
+    tokens = connection_tokens(headers) if _has_connection_header(headers) else frozenset()
+    rid_name = settings.request_id_header
+    out = [status_line(status)]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _STRIP_FROM_RESPONSE or lname in tokens or lname == rid_name:
+            continue
+        out.append(b"%s: %s\r\n" % (name, value))
+    if chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    if not keep_alive:
+        out.append(b"connection: close\r\n")
+    elif http10_keep_alive:
+        out.append(b"connection: keep-alive\r\n")
+    out.append(extra)
+    out.append(b"\r\n")
+    return b"".join(out)

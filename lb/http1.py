@@ -1,0 +1,61 @@
+"""HTTP/1.1 message pieces shared by both sides of the proxy: header hygiene and serialisation.
+
+Parsing is llhttp's job (through httptools); this module only decides which headers cross the
+proxy and writes heads and chunk frames. Header names are compared in lower case and written
+back as they were received.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1: connection-specific fields, never forwarded. Proxy-Authorization
+# and Proxy-Authenticate are hop-by-hop too (RFC 9110 11.7).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+# Statuses whose responses never carry a body (RFC 9112 section 6.3).
+NO_BODY_STATUSES = frozenset({204, 304})
+
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Lower-cased names listed in ``Connection`` headers: hop-by-hop for this message too."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def last_chunk(trailers: Headers) -> bytes:
+    """The terminating chunk, with trailer fields if any."""
+    if not trailers:
+        return LAST_CHUNK
+    return b"0\r\n" + b"".join(b"%b: %b\r\n" % kv for kv in trailers) + CRLF

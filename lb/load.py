@@ -1,0 +1,116 @@
+"""Load accounting: the one place that writes a backend's in-flight count, latency and outcomes.
+
+Every upstream attempt is wrapped in an :class:`Attempt`. It takes the in-flight slot when it
+is created and gives it back exactly once, in :meth:`Attempt.finish`, whichever path ends the
+attempt (success, error, timeout, cancellation, client gone): ``finish`` is idempotent and the
+context-manager exit calls it, so an error path cannot skip it.
+
+Latency is a peak-EWMA of the time to response headers (tower's ``load::peak_ewma``, after
+Finagle's ``PeakEwma``): a sample above the estimate replaces it at once, a sample below it is
+blended in with weight ``1 - exp(-elapsed / decay_s)``. A failed attempt is recorded as a slow
+one (at least twice the current estimate), so a backend that fails fast (an immediate 503 or
+429, a refused connection) looks loaded rather than fast to latency-aware strategies.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from lb.backend import DEFAULT_DECAY_S, Backend
+
+Clock = Callable[[], float]
+
+# A failure counts as a latency sample of at least this much, and at least twice the estimate.
+FAILURE_FLOOR_S = 0.25
+# The estimate never grows past this: a dead backend must still be retried once it decays.
+MAX_RTT_S = 60.0
+
+
+def record_rtt(backend: Backend, sample_s: float, now_s: float, decay_s: float) -> None:
+    """Fold one latency sample into ``backend``'s peak-EWMA estimate."""
+    current = backend.rtt_at(now_s, decay_s)
+    if sample_s >= current:
+        estimate = sample_s
+    else:
+        elapsed = max(now_s - backend.rtt_stamp_s, 0.0)
+        w = math.exp(-elapsed / decay_s)
+        estimate = current * w + sample_s * (1.0 - w)
+    backend.rtt_estimate_s = min(estimate, MAX_RTT_S)
+    backend.rtt_stamp_s = now_s
+
+
+def is_failure_status(status: int) -> bool:
+    """A response that says the backend could not do the work: 5xx, or 429 (overloaded)."""
+    return status >= 500 or status == 429
+
+
+class Attempt:
+    """Guard around one upstream attempt on ``backend``.
+
+    Creating it takes an in-flight slot. Call :meth:`response_started` when the response
+    headers arrive (records the latency sample) and :meth:`finish` when the attempt ends.
+    """
+
+    __slots__ = ("_clock", "_decay_s", "_done", "_started_s", "_status", "backend")
+
+    def __init__(
+        self, backend: Backend, clock: Clock = time.monotonic, decay_s: float = DEFAULT_DECAY_S
+    ) -> None:
+        self.backend = backend
+        self._clock = clock
+        self._decay_s = decay_s
+        self._started_s = clock()
+        self._status: int | None = None
+        self._done = False
+        backend.in_flight += 1
+        backend.requests_total += 1
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def response_started(self, status: int) -> None:
+        """Record the response status and the time it took to arrive."""
+        self._status = status
+        if is_failure_status(status):
+            return  # recorded as a failure sample in finish()
+        now = self._clock()
+        record_rtt(self.backend, now - self._started_s, now, self._decay_s)
+
+    def finish(self, *, failed: bool = False) -> None:
+        """Release the in-flight slot and count the outcome; only the first call counts.
+
+        ``failed`` marks an attempt that ended badly after (or without) its headers: a reset,
+        a timeout, a truncated body. A 5xx or 429 status counts as a failure by itself.
+        """
+        if self._done:
+            return
+        self._done = True
+        backend = self.backend
+        backend.in_flight -= 1
+        status = self._status
+        backend.responses_by_class[0 if status is None else min(status // 100, 5)] += 1
+        if failed or status is None or is_failure_status(status):
+            backend.failures_total += 1
+            backend.consecutive_failures += 1
+            now = self._clock()
+            penalty = max(
+                now - self._started_s, 2.0 * backend.rtt_at(now, self._decay_s), FAILURE_FLOOR_S
+            )
+            record_rtt(backend, penalty, now, self._decay_s)
+        else:
+            backend.consecutive_failures = 0
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish(failed=exc_type is not None)

@@ -1,0 +1,46 @@
+"""Cheap counters and histograms written on the hot path and read at scrape time.
+
+The data plane only bumps integers in plain lists; :mod:`lb.metrics` turns them into
+Prometheus samples when scraped, so recording a request costs a few list operations.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+# Inference requests span milliseconds (an embedding, a cached reply) to minutes (a long
+# generation): buckets from 5 ms to 10 minutes.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Bucket counts (non-cumulative, last slot is +Inf), a sum and a count."""
+
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class PoolStats:
+    """What clients of one pool saw: answers by status class and time to answer them."""
+
+    __slots__ = ("client_disconnects", "duration", "responses_by_class")
+
+    def __init__(self) -> None:
+        # index 1..5 for 1xx..5xx; index 0 for requests that got no response (client gone)
+        self.responses_by_class = [0] * 6
+        self.duration = Histogram()
+        self.client_disconnects = 0

@@ -1,0 +1,83 @@
+"""Weighted least connections: send the request where the fewest requests are in flight per weight.
+
+Each candidate is scored by the load it would carry *after* taking this request, per unit of
+weight, and the lowest score wins:
+
+    score = (in_flight + 1) / weight
+
+Ties are broken uniformly at random. The scan is a full O(n) pass (pools of model servers are
+small); scores are compared cross-multiplied, ``(i_a + 1) * w_b < (i_b + 1) * w_a``, so they stay
+exact integers and ties are detected exactly.
+
+Why ``+ 1``. Without it every idle backend scores 0 whatever its weight, so weight would only
+start to matter once requests pile up. With it:
+
+- among idle backends the heaviest wins: weight 2 scores 0.5, weight 1 scores 1.0;
+- backends fill in proportion to weight: a weight-2 backend with one request in flight (2/2)
+  ties an idle weight-1 backend (1/1), and with two in flight (3/2) loses to it, so a weight-2
+  backend takes its second request before a weight-1 backend takes its second, and under
+  concurrency in-flight counts stay within one request of proportional to weight.
+
+Said honestly, the cost of the ``+ 1``: under very light load (at most one request in flight at
+a time) every request finds all backends idle, so the heaviest backend gets *all* of them.
+Weight here is capacity under concurrency, not a share of traffic; use ``round_robin`` for
+shares. Equal-weight idle backends tie and share the traffic evenly.
+
+Sources: HAProxy's ``leastconn`` (``src/lb_fwlc.c``) keys a busy server at
+``(inflight + 1) * SRV_EWGHT_MAX / eweight``, the same score, but keys an idle server at 0, so
+idle servers tie whatever their weight; here the ``+ 1`` applies to idle backends too. Envoy's
+``least_request`` policy uses, for unequal weights, the effective weight
+``weight / (active_requests + 1) ^ active_request_bias``, with bias 1 the reciprocal of this
+score (Envoy schedules in proportion to it, and picks by power of two choices when weights are
+equal; here the best backend is taken outright).
+
+Like Envoy's, this reads the very counter that is exported as a metric (``Backend.in_flight``,
+written by :class:`lb.load.Attempt`): what you see is what it used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from lb.backend import Backend
+from lb.strategies.base import RequestInfo, Strategy
+
+
+class LeastConnections(Strategy):
+    """Pick the candidate with the lowest ``(in_flight + 1) / weight``; ties at random.
+
+    Takes no options. Uses ``self.rng`` only to break ties.
+    """
+
+    name: ClassVar[str] = "least_connections"
+    options_allowed: ClassVar[frozenset[str]] = frozenset()
+
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
+        if len(candidates) == 1:
+            return candidates[0]
+        random = self.rng.random
+        it = iter(candidates)
+        best = next(it)
+        best_load = best.in_flight + 1
+        best_weight = best.weight
+        ties = 1
+        for backend in it:
+            load = backend.in_flight + 1
+            weight = backend.weight
+            # load / weight  vs  best_load / best_weight, cross-multiplied (weights are > 0).
+            mine = load * best_weight
+            theirs = best_load * weight
+            if mine < theirs:
+                best = backend
+                best_load = load
+                best_weight = weight
+                ties = 1
+            elif mine == theirs:
+                # Reservoir sampling of size 1: the k-th tied backend replaces the choice with
+                # probability 1/k, which leaves each of the k equally likely, with no list.
+                # The score is unchanged, so best_load and best_weight still describe it.
+                ties += 1
+                if random() * ties < 1.0:
+                    best = backend
+        return best

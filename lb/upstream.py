@@ -1,0 +1,375 @@
+"""Connections to one backend: an HTTP/1.1 client protocol on llhttp, and a keep-alive pool.
+
+A connection carries one exchange at a time (no upstream pipelining). The response is parsed by
+llhttp (httptools) and handed, callback by callback, to the current :class:`ResponseSink`, so
+response bytes reach the client without a task switch. A connection goes back to the pool only
+after its response was read completely and cleanly, its request was written completely, and
+the backend did not ask to close; otherwise it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from typing import Protocol, cast
+
+import httptools
+
+from lb.backend import Backend
+from lb.errors import UpstreamFailed, UpstreamUnreachable
+from lb.http1 import Headers
+
+# How a response body is delimited on the wire (RFC 9112 section 6.3).
+FRAMING_NONE = 0  # HEAD, 204, 304: no body
+FRAMING_LENGTH = 1  # Content-Length
+FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
+FRAMING_CLOSE = 3  # neither: the body ends when the connection closes
+
+
+class RequestSource(Protocol):
+    """The request body as the connection sees it: finished or not."""
+
+    complete: bool
+
+
+class ResponseSink(Protocol):
+    """What a connection reports to while it carries an exchange; all calls are synchronous."""
+
+    def on_response_head(
+        self, status: int, headers: Headers, framing: int, keep_alive: bool
+    ) -> None: ...
+
+    def on_response_body(self, data: bytes) -> None: ...
+
+    def on_response_end(self, trailers: Headers) -> None: ...
+
+    def on_upstream_lost(self, error: UpstreamFailed, response_started: bool) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def on_upstream_write_paused(self, paused: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP (or TLS) connection to a backend, speaking HTTP/1.1 as a client."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.closed = False
+        self.requests_sent = 0
+        self.idle_since_s = 0.0
+        self.body: RequestSource | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reset_response_state()
+
+    def _reset_response_state(self) -> None:
+        self._headers: Headers = []
+        self._trailers: Headers = []
+        self._headers_done = False
+        self._final = False  # the head being parsed is a final (non-1xx) response
+        self._complete = False
+        self._broken = False
+        self._got_bytes = False
+        self._head_request = False
+        self._close_delimited = False
+        self._keep_alive = False
+
+    # -- used by the proxy ------------------------------------------------------------------
+
+    @property
+    def reused(self) -> bool:
+        """True when this connection already carried a request before the current one."""
+        return self.requests_sent > 1
+
+    @property
+    def got_bytes(self) -> bool:
+        """True once any byte of the current response has arrived."""
+        return self._got_bytes
+
+    def begin(
+        self, sink: ResponseSink, body: RequestSource, head_request: bool, data: bytes
+    ) -> None:
+        """Attach ``sink`` for the next response and write the start of the request."""
+        self._reset_response_state()
+        self._head_request = head_request
+        self.sink = sink
+        self.body = body
+        self.requests_sent += 1
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.resume_reading()
+
+    def _release(self) -> None:
+        """The response is complete: back to the pool if the connection is clean, else close."""
+        self.sink = None
+        body = self.body
+        self.body = None
+        if self.closed:
+            return
+        if not self._broken and self._keep_alive and body is not None and body.complete:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def abort(self) -> None:
+        """Close at once, without flushing: the backend sees the request go away."""
+        self.sink = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    def close(self) -> None:
+        self.sink = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            # Bytes on an idle connection: nothing asked for them, so the stream is unusable.
+            self.abort()
+            self.pool.forget(self)
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self._complete:
+                self._broken = True  # garbage after a complete response: do not reuse
+            else:
+                self.abort()
+                self.pool.forget(self)
+                self.sink = None
+                sink.on_upstream_lost(
+                    UpstreamFailed(f"invalid HTTP response from backend: {exc}"),
+                    self._headers_done,
+                )
+                return
+        if self.sink is sink:
+            sink.flush()
+        if self._complete and self.sink is sink:
+            if self._head_request:
+                # llhttp cannot be told that a HEAD response has no body; start a fresh parser.
+                self._parser = httptools.HttpResponseParser(self)
+            self._release()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost does the accounting
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        sink = self.sink
+        if sink is None:
+            return
+        self.sink = None
+        if self._close_delimited and exc is None and not self._complete:
+            # A response without Content-Length or chunked framing ends when the backend closes.
+            self._complete = True
+            sink.on_response_end(self._trailers)
+            sink.flush()
+            return
+        if self._complete:
+            return
+        reason = f"connection to backend lost: {exc}" if exc else "backend closed the connection"
+        sink.on_upstream_lost(UpstreamFailed(reason), self._headers_done)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_write_paused(False)
+
+    # -- llhttp callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._broken = True  # a second response to one request
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._final:
+            self._trailers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            return  # 1xx interim response: llhttp parses the final one next
+        self._final = True
+        self._headers_done = True
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._head_request or status in (204, 304):
+            framing = FRAMING_NONE
+        else:
+            framing = FRAMING_CLOSE
+            for name, _ in self._headers:
+                lname = name.lower()
+                if lname == b"content-length":
+                    framing = FRAMING_LENGTH
+                elif lname == b"transfer-encoding":
+                    framing = FRAMING_CHUNKED
+                    break
+        self._close_delimited = framing == FRAMING_CLOSE
+        sink = self.sink
+        if sink is None or self._broken:
+            return
+        sink.on_response_head(status, self._headers, framing, self._keep_alive)
+        if self._head_request:
+            self._complete = True
+            if self.sink is sink:
+                sink.on_response_end([])
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None and not self._head_request and not self._broken:
+            sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._final or self._complete:
+            return
+        self._complete = True
+        sink = self.sink
+        if sink is not None:
+            sink.on_response_end(self._trailers)
+
+
+class ConnectionPool:
+    """Keep-alive connections to one backend, most recently used first.
+
+    ``max_idle`` (default 128) bounds the idle connections kept; ``idle_timeout_s`` (default
+    30) closes a connection unused that long, checked by one timer per pool. A connection the
+    backend closes while idle is dropped when its close arrives.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_idle: int = 128,
+        idle_timeout_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.backend = backend
+        self.max_idle = max_idle
+        self.idle_timeout_s = idle_timeout_s
+        self._ssl = ssl_context
+        if backend.scheme == "https" and ssl_context is None:
+            self._ssl = ssl.create_default_context()
+        self._idle: list[UpstreamConnection] = []
+        self._reaper: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.connects_total = 0
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled connection that still looks open, or ``None``."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def connect(self, timeout_s: float) -> UpstreamConnection:
+        """Open a new connection; raises :class:`UpstreamUnreachable` on any failure."""
+        loop = asyncio.get_running_loop()
+        backend = self.backend
+        self.connects_total += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    backend.host,
+                    backend.port,
+                    ssl=self._ssl,
+                    server_hostname=backend.host if self._ssl else None,
+                )
+        except TimeoutError:
+            raise UpstreamUnreachable(
+                f"connect to backend {backend.name} timed out after {timeout_s:g}s"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+            raise UpstreamUnreachable(
+                f"connect to backend {backend.name} failed: {reason}"
+            ) from None
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Take back a connection whose exchange ended cleanly."""
+        if self._closed or len(self._idle) >= self.max_idle:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        conn.idle_since_s = loop.time()
+        self._idle.append(conn)
+        if self._reaper is None:
+            self._reaper = loop.call_later(self.idle_timeout_s, self._reap)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """Drop a connection that closed while pooled."""
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _reap(self) -> None:
+        self._reaper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self.idle_timeout_s
+        keep: list[UpstreamConnection] = []
+        for conn in self._idle:
+            if conn.idle_since_s <= deadline:
+                conn.close()
+            else:
+                keep.append(conn)
+        self._idle = keep
+        if keep:
+            oldest = min(c.idle_since_s for c in keep)
+            self._reaper = loop.call_at(oldest + self.idle_timeout_s, self._reap)
+
+    def close(self) -> None:
+        """Close every idle connection; connections released later are closed too."""
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()

@@ -1,0 +1,38 @@
+"""A tiny user-supplied strategy module, loaded by import path in the registry tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lb.backend import Backend
+from lb.strategies import RequestInfo, Strategy
+
+
+class FirstBackend(Strategy):
+    """Always the first candidate: the simplest strategy a user could plug in."""
+
+    name = "first_backend"
+
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
+        return candidates[0]
+
+
+class NotAStrategy:
+    """A class that does not derive from Strategy."""
+
+
+class Unfinished(Strategy):
+    """A Strategy subclass that forgot to implement pick, so it stays abstract."""
+
+
+class Broken(Strategy):
+    """A strategy whose constructor fails with something other than ValueError."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("model catalogue unavailable")
+
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
+        return candidates[0]
+
+
+NOT_A_CLASS = 42

@@ -1,0 +1,91 @@
+"""Tests for lb.strategies.least_connections: lowest (in_flight + 1) / weight wins."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from lb.backend import Backend
+from lb.strategies import LeastConnections, RequestInfo
+
+REQUEST = RequestInfo(method="POST", path="/v1/chat/completions")
+
+
+def make_backends(*weights: int) -> list[Backend]:
+    return [
+        Backend.from_url(f"http://127.0.0.1:{8001 + i}", weight=weight)
+        for i, weight in enumerate(weights)
+    ]
+
+
+def make_strategy(backends: list[Backend]) -> LeastConnections:
+    return LeastConnections(backends, rng=random.Random(1234))
+
+
+def test_busy_backend_gets_no_picks_while_another_has_fewer() -> None:
+    """A backend with 10 in flight gets nothing until the others have caught up to 10."""
+    busy, b, _c = backends = make_backends(1, 1, 1)
+    busy.in_flight, b.in_flight = 10, 3
+    strategy = make_strategy(backends)
+    for _ in range(17):
+        strategy.pick(backends, REQUEST).in_flight += 1
+    assert [x.in_flight for x in backends] == [10, 10, 10]
+
+
+def test_idle_heavier_backend_beats_idle_lighter_one() -> None:
+    """With nothing in flight, the weight-2 backend (score 1/2) beats the weight-1 one (1/1)."""
+    _light, heavy = backends = make_backends(1, 2)
+    strategy = make_strategy(backends)
+    assert {strategy.pick(backends, REQUEST) for _ in range(100)} == {heavy}
+
+
+def test_weight_two_with_one_in_flight_ties_idle_weight_one() -> None:
+    """Weight 2 with 1 in flight (2/2) ties weight 1 with 0 in flight (1/1): an even split."""
+    light, heavy = backends = make_backends(1, 2)
+    heavy.in_flight = 1
+    strategy = make_strategy(backends)
+    counts = Counter(strategy.pick(backends, REQUEST) for _ in range(2000))
+    assert 900 <= counts[light] <= 1100
+    assert counts[light] + counts[heavy] == 2000
+
+
+def test_weight_two_with_two_in_flight_loses_to_idle_weight_one() -> None:
+    """Weight 2 with 2 in flight (3/2) loses to weight 1 with 0 in flight (1/1)."""
+    light, heavy = backends = make_backends(1, 2)
+    heavy.in_flight = 2
+    strategy = make_strategy(backends)
+    assert {strategy.pick(backends, REQUEST) for _ in range(100)} == {light}
+
+
+def test_in_flight_counts_fill_in_proportion_to_weight() -> None:
+    """Under growing concurrency, in-flight counts stay within one request of the weight ratio."""
+    light, heavy = backends = make_backends(1, 2)
+    strategy = make_strategy(backends)
+    for _ in range(300):
+        strategy.pick(backends, REQUEST).in_flight += 1
+        assert abs(2 * light.in_flight - heavy.in_flight) <= 2
+
+
+def test_ties_are_spread_uniformly() -> None:
+    """Three equally loaded backends each get 1000 of 3000 picks, within 10%."""
+    backends = make_backends(1, 1, 1)
+    for backend in backends:
+        backend.in_flight = 4
+    strategy = make_strategy(backends)
+    counts = Counter(strategy.pick(backends, REQUEST) for _ in range(3000))
+    assert all(900 <= counts[b] <= 1100 for b in backends)
+
+
+def test_subset_of_candidates_only_returns_members_of_the_subset() -> None:
+    """The least loaded backend is not picked when the proxy left it out of the candidates."""
+    _idle, b, c = backends = make_backends(1, 1, 1)
+    b.in_flight = c.in_flight = 5
+    strategy = make_strategy(backends)
+    assert {strategy.pick([b, c], REQUEST) for _ in range(100)} == {b, c}
+
+
+def test_lone_candidate_is_returned() -> None:
+    """A single candidate is returned whatever its load."""
+    _a, b = backends = make_backends(1, 1)
+    b.in_flight = 100
+    assert make_strategy(backends).pick([b], REQUEST) is b

@@ -1,0 +1,356 @@
+"""Tests for lb.config: parsing, defaults, env interpolation and every kind of config error."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lb.config import (
+    Config,
+    ConfigError,
+    Limits,
+    Listen,
+    Timeouts,
+    load_config,
+    parse_config,
+)
+
+MINIMAL = """\
+listen: {host: 127.0.0.1, port: 8080}
+admin: {host: 127.0.0.1, port: 9901}   # /metrics, /healthz, /readyz; the admin API comes later
+pools:
+  - name: chat
+    strategy: least_connections
+    backends:
+      - url: http://127.0.0.1:8001
+      - url: http://127.0.0.1:8002
+        weight: 2
+routes:                                 # optional: without routes every request goes to the first pool
+  - path_prefix: /v1/
+    pool: chat
+"""  # noqa: E501 (the documented example, verbatim)
+
+ONE_POOL = """\
+pools:
+  - name: chat
+    backends:
+      - url: http://127.0.0.1:8001
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def load_error(tmp_path: Path, text: str) -> ConfigError:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value
+
+
+def test_minimal_config_parses_exactly_as_written(tmp_path: Path) -> None:
+    """The documented minimal file loads with its listeners, pool, backends and route."""
+    config = load_config(write(tmp_path, MINIMAL))
+    assert (config.listen.host, config.listen.port) == ("127.0.0.1", 8080)
+    assert (config.admin.host, config.admin.port, config.admin.enabled) == ("127.0.0.1", 9901, True)
+    [pool] = config.pools
+    assert (pool.name, pool.strategy, pool.strategy_options, pool.timeouts) == (
+        "chat",
+        "least_connections",
+        {},
+        None,
+    )
+    assert [(b.url, b.name, b.weight) for b in pool.backends] == [
+        ("http://127.0.0.1:8001", "127.0.0.1:8001", 1),
+        ("http://127.0.0.1:8002", "127.0.0.1:8002", 2),
+    ]
+    [route] = config.routes
+    assert (route.path_prefix, route.pool, route.headers, route.methods) == (
+        "/v1/",
+        "chat",
+        {},
+        None,
+    )
+
+
+def test_unset_sections_take_their_documented_defaults(tmp_path: Path) -> None:
+    """A file naming only a pool gets the default listeners, timeouts, limits and headers."""
+    config = load_config(write(tmp_path, ONE_POOL))
+    assert config.listen == Listen(host="127.0.0.1", port=8080)
+    assert config.timeouts == Timeouts(connect_s=5.0, response_headers_s=600.0, idle_s=300.0)
+    assert config.limits == Limits()
+    assert config.limits.max_body_bytes == 33554432
+    assert config.upstream.max_idle_per_backend == 128
+    assert config.headers.backend_header == "x-lb-backend"
+    assert config.headers.request_id_header == "x-request-id"
+    assert config.shutdown.grace_s == 30.0
+    assert config.log_level == "info"
+    assert config.routes == []
+    assert config.pools[0].strategy == "round_robin"
+
+
+def test_backend_name_defaults_to_host_and_port_by_scheme() -> None:
+    """Without a name a backend is called host:port, the port defaulting to 80 or 443."""
+    config = parse_config(
+        {
+            "pools": [
+                {
+                    "name": "p",
+                    "backends": [
+                        {"url": "http://Model-A"},
+                        {"url": "https://model-b/"},
+                        {"url": "http://[::1]:8001"},
+                        {"url": "http://model-c:9000", "name": "c"},
+                    ],
+                }
+            ]
+        }
+    )
+    names = [b.name for b in config.pools[0].backends]
+    assert names == ["model-a:80", "model-b:443", "[::1]:8001", "c"]
+
+
+def test_pool_timeouts_override_only_the_keys_the_pool_sets() -> None:
+    """A pool's timeouts replace the global values they name and inherit the rest."""
+    config = parse_config(
+        {
+            "timeouts": {"connect_s": 2.0, "idle_s": None},
+            "pools": [
+                {"name": "a", "backends": [{"url": "http://a"}]},
+                {"name": "b", "backends": [{"url": "http://b"}], "timeouts": {"connect_s": 1}},
+            ],
+        }
+    )
+    assert config.pool_timeouts(config.pools[0]) == config.timeouts
+    assert config.pool_timeouts(config.pools[1]) == Timeouts(
+        connect_s=1.0, response_headers_s=600.0, idle_s=None
+    )
+
+
+def test_route_header_names_are_lowered_and_methods_upper_cased() -> None:
+    """Route header names compare case-insensitively and methods are normalised to upper case."""
+    config = parse_config(
+        {
+            "pools": [{"name": "p", "backends": [{"url": "http://a"}]}],
+            "routes": [{"pool": "p", "headers": {"X-Model": "Llama"}, "methods": ["post"]}],
+        }
+    )
+    assert config.routes[0].headers == {"x-model": "Llama"}
+    assert config.routes[0].methods == ["POST"]
+
+
+def test_env_var_is_substituted_in_string_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``${VAR}`` is replaced by the variable's value, inside a longer string too."""
+    monkeypatch.setenv("LB_TEST_HOST", "10.0.0.7")
+    path = write(tmp_path, ONE_POOL.replace("127.0.0.1", "${LB_TEST_HOST}"))
+    assert load_config(path).pools[0].backends[0].url == "http://10.0.0.7:8001"
+
+
+def test_env_default_is_used_when_var_is_unset_or_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``${VAR:-default}`` falls back to the default for an unset or empty variable."""
+    monkeypatch.delenv("LB_TEST_UNSET", raising=False)
+    monkeypatch.setenv("LB_TEST_EMPTY", "")
+    text = (
+        ONE_POOL + "listen: {host: '${LB_TEST_EMPTY:-0.0.0.0}', port: '${LB_TEST_UNSET:-8088}'}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.listen == Listen(host="0.0.0.0", port=8088)
+
+
+def test_env_value_is_coerced_to_the_field_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A substituted string becomes an int where the field is an int."""
+    monkeypatch.setenv("LB_TEST_PORT", "9000")
+    config = load_config(write(tmp_path, ONE_POOL + "listen: {port: '${LB_TEST_PORT:-8080}'}\n"))
+    assert config.listen.port == 9000
+
+
+def test_double_dollar_escapes_a_literal_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``$${`` yields a literal ``${`` and is not expanded."""
+    monkeypatch.setenv("X", "expanded")
+    config = parse_config(
+        {
+            "pools": [
+                {
+                    "name": "p",
+                    "strategy_options": {"template": "$${X} and ${X}"},
+                    "backends": [{"url": "http://a"}],
+                }
+            ]
+        }
+    )
+    assert config.pools[0].strategy_options == {"template": "${X} and expanded"}
+
+
+def test_undefined_env_var_is_reported_at_its_key_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``${VAR}`` with no such variable and no default names the variable and the key."""
+    monkeypatch.delenv("LB_TEST_MISSING", raising=False)
+    error = load_error(tmp_path, ONE_POOL.replace("127.0.0.1", "${LB_TEST_MISSING}"))
+    assert error.key == "pools[0].backends[0].url"
+    assert "LB_TEST_MISSING is not set" in error.reason
+    assert "config.yaml: pools[0].backends[0].url: environment variable" in str(error)
+
+
+def test_bad_yaml_is_reported_with_line_and_column(tmp_path: Path) -> None:
+    """A syntax error names the file, the line and the column."""
+    error = load_error(tmp_path, "pools:\n  - name: [chat\n")
+    assert error.key == ""
+    assert "invalid YAML at line 3, column 1" in error.reason
+    assert str(error).startswith(f"{tmp_path / 'config.yaml'}: invalid YAML")
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
+    """A key given twice in one mapping is refused rather than silently overwritten."""
+    error = load_error(tmp_path, ONE_POOL + "pools: []\n")
+    assert "duplicate key 'pools'" in error.reason
+    assert "line 5" in error.reason
+
+
+def test_unknown_top_level_key_is_reported_with_the_allowed_keys(tmp_path: Path) -> None:
+    """A misspelt top-level key is an error that lists what is allowed."""
+    error = load_error(tmp_path, ONE_POOL + "listn: {port: 1}\n")
+    assert error.key == "listn"
+    assert error.reason.startswith("unknown key 'listn' (allowed: listen, admin, pools")
+
+
+def test_unknown_nested_key_is_reported_at_its_path(tmp_path: Path) -> None:
+    """A misspelt key inside a backend is reported with its full key path."""
+    error = load_error(tmp_path, ONE_POOL + "        wieght: 2\n")
+    assert error.key == "pools[0].backends[0].wieght"
+    assert "unknown key 'wieght' (allowed: url, weight, name)" in str(error)
+
+
+def test_wrong_type_is_reported_with_the_value_given(tmp_path: Path) -> None:
+    """A value of the wrong type names the expected type and the value found."""
+    error = load_error(tmp_path, ONE_POOL + "        weight: heavy\n")
+    assert error.key == "pools[0].backends[0].weight"
+    assert "valid integer" in error.reason
+    assert "'heavy'" in error.reason
+
+
+def test_duplicate_pool_name_is_an_error(tmp_path: Path) -> None:
+    """Two pools with one name are refused at the second one's name."""
+    error = load_error(tmp_path, ONE_POOL + "  - name: chat\n    backends: [{url: 'http://b'}]\n")
+    assert str(error).endswith("config.yaml: pools[1].name: duplicate pool name 'chat'")
+
+
+def test_duplicate_backend_url_is_an_error(tmp_path: Path) -> None:
+    """The same backend twice in a pool, even spelt differently, is refused."""
+    error = load_error(tmp_path, ONE_POOL + "      - url: HTTP://127.0.0.1:8001/\n")
+    assert error.key == "pools[0].backends[1].url"
+    assert error.reason.startswith("duplicate backend 'HTTP://127.0.0.1:8001/'")
+
+
+def test_duplicate_backend_name_is_an_error(tmp_path: Path) -> None:
+    """Two backends of a pool sharing a name are refused at the second name."""
+    text = ONE_POOL + "        name: a\n      - url: http://127.0.0.1:8002\n        name: a\n"
+    error = load_error(tmp_path, text)
+    assert error.key == "pools[0].backends[1].name"
+    assert error.reason.startswith("duplicate backend name 'a'")
+
+
+def test_route_to_a_missing_pool_lists_the_pools(tmp_path: Path) -> None:
+    """A route naming no existing pool says which pools there are."""
+    error = load_error(tmp_path, ONE_POOL + "routes: [{pool: embed}]\n")
+    assert error.key == "routes[0].pool"
+    assert error.reason == "no pool named 'embed' (pools: chat)"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("127.0.0.1:8001", "URL must start with http:// or https://"),
+        ("ftp://127.0.0.1:8001", "URL must start with http:// or https://"),
+        ("http://127.0.0.1:8001/v1", "URL must not have a path"),
+        ("http://127.0.0.1:8001?a=1", "URL must not have a query string"),
+        ("http://:8001", "URL has no host"),
+        ("http://127.0.0.1:70000", "URL port must be an integer 1..65535"),
+        ("http://127.0.0.1:0", "URL port must be an integer 1..65535"),
+    ],
+)
+def test_bad_backend_url_is_reported_with_a_reason(tmp_path: Path, url: str, reason: str) -> None:
+    """Each malformed backend URL is refused at its key path with a specific reason."""
+    error = load_error(tmp_path, ONE_POOL.replace("http://127.0.0.1:8001", url))
+    assert error.key == "pools[0].backends[0].url"
+    assert error.reason.startswith(reason)
+
+
+def test_listen_port_out_of_range_is_an_error(tmp_path: Path) -> None:
+    """A listen port above 65535 is refused at listen.port."""
+    error = load_error(tmp_path, ONE_POOL + "listen: {port: 65536}\n")
+    assert error.key == "listen.port"
+    assert "less than or equal to 65535" in error.reason
+
+
+def test_admin_on_the_listen_address_is_an_error(tmp_path: Path) -> None:
+    """The admin listener may not share the proxy's host and port."""
+    error = load_error(tmp_path, ONE_POOL + "admin: {port: 8080}\n")
+    assert error.key == "admin.port"
+    assert "clashes with listen 127.0.0.1:8080" in error.reason
+
+
+def test_every_validation_error_is_reported_first_one_first(tmp_path: Path) -> None:
+    """Several problems give one line each, in file order."""
+    error = load_error(tmp_path, "listen: {port: 0}\npools: []\nbogus: 1\n")
+    lines = str(error).splitlines()
+    assert [key for key, _ in error.problems] == ["listen.port", "pools", "bogus"]
+    assert len(lines) == 3
+    assert lines[0].endswith(
+        "config.yaml: listen.port: Input should be greater than or equal to 1 (got 0)"
+    )
+    assert error.key == "listen.port"
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    """A file that does not exist is reported without a key."""
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.yaml")
+    assert info.value.key == ""
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'absent.yaml'}: cannot read file: No such file or directory"
+    )
+
+
+def test_empty_file_is_an_error(tmp_path: Path) -> None:
+    """A file with no content (or only comments) is refused."""
+    error = load_error(tmp_path, "# nothing yet\n")
+    assert (error.key, error.reason) == ("", "file is empty")
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    """A file whose top level is a list is refused."""
+    error = load_error(tmp_path, "- pools\n")
+    assert error.reason == "top level must be a mapping (got a list)"
+
+
+def test_parse_config_labels_errors_with_the_source() -> None:
+    """Errors from an already-parsed tree carry the given source label."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({"pools": "chat"}, source="reload")
+    assert str(info.value).startswith("reload: pools: Input should be a valid list")
+
+
+def test_schema_describes_every_field() -> None:
+    """Every property in the JSON schema has a description, for ``lb schema``."""
+    schema = Config.model_json_schema()
+    models = [schema, *schema["$defs"].values()]
+    missing = [
+        f"{model['title']}.{name}"
+        for model in models
+        for name, prop in model["properties"].items()
+        if "description" not in prop
+    ]
+    assert missing == []
