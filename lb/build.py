@@ -7,7 +7,7 @@ are raised as :class:`~lb.config.ConfigError` with the key path, like any other 
 
 from __future__ import annotations
 
-from lb.backend import Backend
+from lb.backend import DEFAULT_DECAY_S, Backend
 from lb.config import Config, ConfigError
 from lb.downstream import ListenerLimits
 from lb.forwarding import ForwardingSettings
@@ -46,6 +46,7 @@ def build_pools(config: Config, source: str = "<config>") -> dict[str, Pool]:
             strategy,
             upstreams,
             PoolTimeouts(t.connect_s, t.response_headers_s, t.idle_s),
+            rtt_decay_s=float(pc.strategy_options.get("decay_s", DEFAULT_DECAY_S)),
         )
         header = config.headers.backend_header
         pool.backend_lines = {
@@ -81,6 +82,7 @@ def listener_limits(config: Config) -> ListenerLimits:
         header_timeout_s=lim.header_timeout_s,
         keepalive_timeout_s=lim.keepalive_timeout_s,
         replay_bytes=REPLAY_BYTES,
+        max_connections=lim.max_connections,
         request_id_header=config.headers.request_id_header.lower().encode(),
     )
 

@@ -46,6 +46,7 @@ class ListenerLimits:
     header_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
     replay_bytes: int = 1 << 20
+    max_connections: int = 10000
     request_id_header: bytes = b"x-request-id"
 
 
@@ -119,6 +120,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._pause = 0
         self._header_bytes = 0
+        self._head_raw_bytes = 0
         self._headers_done = False
         self._callback_error: ProxyError | None = None
 
@@ -128,6 +130,11 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        if len(self.handler.connections) >= self.limits.max_connections:
+            log.warning("refusing a client connection: %d open", len(self.handler.connections))
+            self.closed = True
+            self.transport.abort()
+            return
         self.handler.connections.add(self)
         self._arm(self.limits.header_timeout_s, self._on_header_timeout)
 
@@ -136,6 +143,12 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+            if self._parsing is not None and not self._headers_done:
+                # llhttp buffers a header line until it ends, so callbacks alone cannot bound
+                # a never-ending line: count what arrived while the head is still unfinished.
+                self._head_raw_bytes += len(data)
+                if self._head_raw_bytes > self.limits.max_header_bytes:
+                    self._fail(self._header_limit_error())
         except httptools.HttpParserUpgrade as exc:
             # Protocol upgrades are not proxied: the Upgrade header was dropped as hop-by-hop,
             # so the request is answered as plain HTTP/1.1; parse what follows it.
@@ -172,6 +185,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._parsing = IncomingRequest()
         self._header_bytes = 0
+        self._head_raw_bytes = 0
         self._headers_done = False
         if self._current is None:
             self._arm(self.limits.header_timeout_s, self._on_header_timeout)
@@ -194,10 +208,13 @@ class ClientConnection(asyncio.Protocol):
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self.limits.max_header_bytes:
-            self._callback_error = HeadersTooLarge(
-                f"request line and headers exceed {self.limits.max_header_bytes} bytes"
-            )
+            self._callback_error = self._header_limit_error()
             raise self._callback_error
+
+    def _header_limit_error(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"request line and headers exceed {self.limits.max_header_bytes} bytes"
+        )
 
     def on_headers_complete(self) -> None:
         req = self._parsing

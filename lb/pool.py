@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lb.backend import Backend
+from lb.backend import DEFAULT_DECAY_S, Backend
 from lb.stats import PoolStats
 from lb.strategies import Strategy
 from lb.upstream import ConnectionPool
@@ -35,12 +35,14 @@ class Pool:
         strategy: Strategy,
         upstreams: dict[Backend, ConnectionPool],
         timeouts: PoolTimeouts,
+        rtt_decay_s: float = DEFAULT_DECAY_S,
     ) -> None:
         self.name = name
         self.backends = tuple(backends)
         self.strategy = strategy
         self.upstreams = upstreams
         self.timeouts = timeouts
+        self.rtt_decay_s = rtt_decay_s  # the latency estimate's decay, shared with the strategy
         self.stats = PoolStats()
         # Header lines naming each backend, built once: b"x-lb-backend: name\r\n".
         self.backend_lines: dict[Backend, bytes] = {}

@@ -115,7 +115,7 @@ class Proxy:
         """One attempt on ``backend``; returns the error that ended it, or ``None``."""
         upstreams = pool.upstreams[backend]
         timeouts = pool.timeouts
-        with Attempt(backend) as attempt:
+        with Attempt(backend, decay_s=pool.rtt_decay_s) as attempt:
             conn = upstreams.take_idle()
             while True:
                 if conn is None:

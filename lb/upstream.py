@@ -10,6 +10,7 @@ the backend did not ask to close; otherwise it is closed.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from typing import Protocol, cast
@@ -25,6 +26,10 @@ FRAMING_NONE = 0  # HEAD, 204, 304: no body
 FRAMING_LENGTH = 1  # Content-Length
 FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
 FRAMING_CLOSE = 3  # neither: the body ends when the connection closes
+
+
+# A backend whose response head (status line, headers, 1xx responses) exceeds this is broken.
+MAX_RESPONSE_HEAD_BYTES = 256 << 10
 
 
 class RequestSource(Protocol):
@@ -73,6 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete = False
         self._broken = False
         self._got_bytes = False
+        self._head_bytes = 0
         self._head_request = False
         self._close_delimited = False
         self._keep_alive = False
@@ -160,19 +166,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.forget(self)
             return
         self._got_bytes = True
+        if not self._headers_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                self._fail(sink, UpstreamFailed("backend response headers are too large"))
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self._complete:
                 self._broken = True  # garbage after a complete response: do not reuse
             else:
-                self.abort()
-                self.pool.forget(self)
-                self.sink = None
-                sink.on_upstream_lost(
-                    UpstreamFailed(f"invalid HTTP response from backend: {exc}"),
-                    self._headers_done,
-                )
+                self._fail(sink, UpstreamFailed(f"invalid HTTP response from backend: {exc}"))
                 return
         if self.sink is sink:
             sink.flush()
@@ -181,6 +186,11 @@ class UpstreamConnection(asyncio.Protocol):
                 # llhttp cannot be told that a HEAD response has no body; start a fresh parser.
                 self._parser = httptools.HttpResponseParser(self)
             self._release()
+
+    def _fail(self, sink: ResponseSink, error: UpstreamFailed) -> None:
+        self.abort()
+        self.pool.forget(self)
+        sink.on_upstream_lost(error, self._headers_done)
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost does the accounting
@@ -325,7 +335,10 @@ class ConnectionPool:
                 f"connect to backend {backend.name} timed out after {timeout_s:g}s"
             ) from None
         except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+            if isinstance(exc, OSError) and exc.errno:
+                reason = os.strerror(exc.errno).lower()
+            else:
+                reason = str(exc)
             raise UpstreamUnreachable(
                 f"connect to backend {backend.name} failed: {reason}"
             ) from None
