@@ -16,7 +16,6 @@ from aiohttp import web
 from lb.app import App
 from lb.config import parse_config
 
-
 _HANDED_OUT: set[int] = set()
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,11 +18,11 @@ from tests.conftest import free_port, pool, proxy_config
 START_TIMEOUT_S = 15.0
 
 
-async def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+async def _wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT_S
     while loop.time() < deadline:
-        assert proc.poll() is None, "the proxy exited during start-up"
+        assert proc.returncode is None, "the proxy exited during start-up"
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
@@ -37,15 +36,16 @@ async def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 async def run_proxy(tmp_path: Path) -> AsyncIterator[object]:
     """Factory: write the config dict to a file and start ``python -m lb`` on it."""
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[asyncio.subprocess.Process] = []
 
-    async def start(config: dict[str, object], *cmd: str) -> subprocess.Popen[bytes]:
+    async def start(config: dict[str, object], *cmd: str) -> asyncio.subprocess.Process:
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         argv = list(cmd) or [sys.executable, "-m", "lb"]
-        proc = subprocess.Popen(
-            [*argv, "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        with open(tmp_path / "proxy.log", "ab") as log:  # noqa: ASYNC230  # tiny local file, once
+            proc = await asyncio.create_subprocess_exec(
+                *argv, "--config", str(path), stdout=log, stderr=log
+            )
         procs.append(proc)
         port = config["listen"]["port"]  # type: ignore[index]
         await _wait_listening(port, proc)
@@ -53,18 +53,13 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[object]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-        proc.communicate(timeout=10)
+        await asyncio.wait_for(proc.wait(), 10)
 
 
-async def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while proc.poll() is None:
-        assert loop.time() < deadline, "the proxy did not exit in time"
-        await asyncio.sleep(0.05)
-    return proc.returncode
+async def _wait_exit(proc: asyncio.subprocess.Process, timeout_s: float) -> int:
+    return await asyncio.wait_for(proc.wait(), timeout_s)
 
 
 async def test_sigterm_lets_streams_in_flight_finish_then_exits_zero(backends, run_proxy):
@@ -127,7 +122,7 @@ async def test_the_console_script_serves_like_python_dash_m(backends, run_proxy)
 
 async def test_a_port_in_use_stops_start_up_with_a_message(tmp_path: Path):
     """A listener that cannot bind ends the process with a clear message, not a traceback."""
-    with __import__("socket").socket() as taken:
+    with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
@@ -137,12 +132,11 @@ async def test_a_port_in_use_stops_start_up_with_a_message(tmp_path: Path):
         config["listen"]["port"] = port
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(config))
-        proc = subprocess.run(
-            [sys.executable, "-m", "lb", "--config", str(path)],
-            capture_output=True,
-            timeout=30,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lb", "--config", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
-    assert b"cannot listen" in proc.stderr
-    assert b"Traceback" not in proc.stderr
+    assert b"cannot listen" in stderr
+    assert b"Traceback" not in stderr

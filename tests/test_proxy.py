@@ -162,9 +162,7 @@ async def test_a_client_request_id_is_passed_through_and_returned(backends, star
 async def test_the_backend_header_can_be_turned_off(backends, start_proxy):
     """With ``headers.backend_header: null`` the response does not name the backend."""
     (b0,) = await backends(1)
-    app = await start_proxy(
-        proxy_config([pool("chat", [b0])], headers={"backend_header": None})
-    )
+    app = await start_proxy(proxy_config([pool("chat", [b0])], headers={"backend_header": None}))
     async with aiohttp.ClientSession() as s, s.get(url(app, "/")) as resp:
         assert resp.status == 200
         assert "x-lb-backend" not in resp.headers
@@ -173,9 +171,7 @@ async def test_the_backend_header_can_be_turned_off(backends, start_proxy):
 async def test_a_body_over_the_limit_gets_413_and_never_reaches_a_backend(backends, start_proxy):
     """A Content-Length above ``limits.max_body_bytes`` is answered 413 in the JSON shape."""
     (b0,) = await backends(1)
-    app = await start_proxy(
-        proxy_config([pool("chat", [b0])], limits={"max_body_bytes": 1000})
-    )
+    app = await start_proxy(proxy_config([pool("chat", [b0])], limits={"max_body_bytes": 1000}))
     async with aiohttp.ClientSession() as s, s.post(url(app, "/"), data=b"x" * 1001) as resp:
         assert resp.status == 413
         got = await resp.json()
@@ -261,9 +257,7 @@ async def test_a_backend_dying_mid_body_gives_a_truncated_response(backends, sta
         resp.release()
 
 
-async def test_a_client_that_leaves_mid_stream_aborts_the_upstream_request(
-    backends, start_proxy
-):
+async def test_a_client_that_leaves_mid_stream_aborts_the_upstream_request(backends, start_proxy):
     """Closing the client connection closes the backend's, and in-flight returns to zero."""
     (b0,) = await backends(1)
     app = await start_proxy(proxy_config([pool("chat", [b0])]))
@@ -338,10 +332,11 @@ async def test_a_strategy_is_loaded_from_a_dotted_path(backends, start_proxy):
 async def test_routes_send_requests_to_pools_by_path_prefix(backends, start_proxy):
     """The first matching route's pool serves; a request no route matches gets 404 JSON."""
     b0, b1 = await backends(2)
-    routes = [{"path_prefix": "/v1/embeddings", "pool": "embed"}, {"path_prefix": "/v1/", "pool": "chat"}]
-    app = await start_proxy(
-        proxy_config([pool("chat", [b0]), pool("embed", [b1])], routes=routes)
-    )
+    routes = [
+        {"path_prefix": "/v1/embeddings", "pool": "embed"},
+        {"path_prefix": "/v1/", "pool": "chat"},
+    ]
+    app = await start_proxy(proxy_config([pool("chat", [b0]), pool("embed", [b1])], routes=routes))
     async with aiohttp.ClientSession() as s:
         assert (await _get_json(s, url(app, "/v1/embeddings")))["backend"] == "b1"
         assert (await _get_json(s, url(app, "/v1/chat/completions")))["backend"] == "b0"
