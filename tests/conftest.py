@@ -11,12 +11,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 
 from lb.app import App
 from lb.config import parse_config
 
 _HANDED_OUT: set[int] = set()
+
+
+# The data plane's own tests also run on the standard loop; everything else runs on uvloop,
+# the loop the product runs on.
+_BOTH_LOOPS = ("test_proxy.py", "test_http_framing.py")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Event loops the async tests run on."""
+    if item.path.name in _BOTH_LOOPS:
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def free_port() -> int:
