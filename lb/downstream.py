@@ -23,6 +23,8 @@ from lb.errors import (
     BadRequest,
     BodyTooLarge,
     HeadersTooLarge,
+    MethodNotAllowed,
+    NotImplementedByProxy,
     ProxyError,
     RequestTimeout,
     error_body,
@@ -230,20 +232,38 @@ class ClientConnection(asyncio.Protocol):
             if lname == b"content-length":
                 req.content_length = int(value)  # llhttp has checked digits and duplicates
             elif lname == b"transfer-encoding":
-                req.chunked = True  # llhttp accepts it only with chunked as the final coding
+                # llhttp accepts it only with chunked as the final coding; other codings
+                # would be lost in re-framing, so they are refused (as nginx does).
+                if value.strip().lower() != b"chunked":
+                    self._callback_error = NotImplementedByProxy(
+                        f"transfer coding {value.decode(errors='replace')!r} is not supported"
+                    )
+                    raise self._callback_error
+                req.chunked = True
             elif lname == b"host":
                 req.host = value
             elif lname == b"expect":
                 req.expect_continue = value.strip().lower() == b"100-continue"
             elif lname == rid_name:
                 req.request_id = value
+        has_body = req.chunked or bool(req.content_length)
+        if parser.should_upgrade():
+            # CONNECT tunnels are not offered; other upgrades are answered as plain HTTP/1.1
+            # (Upgrade is hop-by-hop), which llhttp can only do for a request without a body.
+            if req.method == b"CONNECT":
+                self._callback_error = MethodNotAllowed("CONNECT is not supported")
+                raise self._callback_error
+            if has_body:
+                self._callback_error = NotImplementedByProxy(
+                    "protocol upgrade with a request body is not supported"
+                )
+                raise self._callback_error
         limit = self.limits.max_body_bytes
         if req.content_length is not None and req.content_length > limit:
             self._callback_error = BodyTooLarge(
                 f"request body of {req.content_length} bytes exceeds the limit of {limit} bytes"
             )
             raise self._callback_error
-        has_body = req.chunked or bool(req.content_length)
         req.body = RequestBody(
             chunked=req.chunked,
             max_bytes=limit,

@@ -46,6 +46,18 @@ class HeadersTooLarge(ProxyError):
     type = "headers_too_large"
 
 
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "method_not_allowed"
+
+
+class NotImplementedByProxy(ProxyError):
+    """A request feature the proxy does not support (a transfer coding, a protocol upgrade)."""
+
+    status = 501
+    type = "not_implemented"
+
+
 class UpstreamUnreachable(ProxyError):
     """The backend could not be connected to (refused, unreachable, connect timeout)."""
 

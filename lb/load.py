@@ -14,6 +14,7 @@ one (at least twice the current estimate), so a backend that fails fast (an imme
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -80,11 +81,13 @@ class Attempt:
         now = self._clock()
         record_rtt(self.backend, now - self._started_s, now, self._decay_s)
 
-    def finish(self, *, failed: bool = False) -> None:
+    def finish(self, *, failed: bool = False, abandoned: bool = False) -> None:
         """Release the in-flight slot and count the outcome; only the first call counts.
 
         ``failed`` marks an attempt that ended badly after (or without) its headers: a reset,
         a timeout, a truncated body. A 5xx or 429 status counts as a failure by itself.
+        ``abandoned`` marks an attempt cut short because the client went away: it counts
+        neither as a failure nor as a success of the backend.
         """
         if self._done:
             return
@@ -93,6 +96,8 @@ class Attempt:
         backend.in_flight -= 1
         status = self._status
         backend.responses_by_class[0 if status is None else min(status // 100, 5)] += 1
+        if abandoned and not (status is not None and is_failure_status(status)):
+            return  # the client went away: says nothing about the backend
         if failed or status is None or is_failure_status(status):
             backend.failures_total += 1
             backend.consecutive_failures += 1
@@ -113,4 +118,7 @@ class Attempt:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.finish(failed=exc_type is not None)
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            self.finish(abandoned=True)
+        else:
+            self.finish(failed=exc_type is not None)

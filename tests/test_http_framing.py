@@ -249,6 +249,44 @@ async def test_content_length_with_transfer_encoding_is_refused(backends, start_
     assert backend.hits == 0
 
 
+async def test_a_transfer_coding_other_than_chunked_is_refused_with_501(backends, start_proxy):
+    """``Transfer-Encoding: gzip, chunked`` would lose its gzip coding upstream, so it gets 501."""
+    backend, app = await start(backends, start_proxy)
+    async with connect(app) as client:
+        await client.send(
+            b"POST /te HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        resp = await client.response()
+    assert_json_error(resp, 501, "not_implemented")
+    assert backend.hits == 0
+
+
+async def test_connect_is_refused_with_405(backends, start_proxy):
+    """CONNECT tunnels are not offered: 405, and nothing reaches a backend."""
+    backend, app = await start(backends, start_proxy)
+    async with connect(app) as client:
+        await client.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        resp = await client.response()
+    assert_json_error(resp, 405, "method_not_allowed")
+    assert backend.hits == 0
+
+
+async def test_an_upgrade_request_without_body_is_answered_as_plain_http(backends, start_proxy):
+    """A websocket or h2c upgrade is not proxied: the request is served as HTTP/1.1."""
+    backend, app = await start(backends, start_proxy)
+    async with connect(app) as client:
+        await client.send(
+            b"GET /up HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+            b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        first = await client.response()
+        second = await client.response()
+    assert first.status == 200 and first.json()["path"] == "/up"
+    assert "upgrade" not in {k.lower() for k, _ in first.json()["headers"]}
+    assert second.status == 200 and second.json()["path"] == "/after"
+
+
 async def test_two_different_content_lengths_are_refused(backends, start_proxy):
     """A request with two different Content-Length values gets 400 and never reaches a backend."""
     backend, app = await start(backends, start_proxy)

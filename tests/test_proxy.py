@@ -273,6 +273,7 @@ async def test_a_client_that_leaves_mid_stream_aborts_the_upstream_request(backe
     assert app.proxy is not None
     backend = app.proxy.pools["chat"].backends[0]
     assert backend.in_flight == 0
+    assert backend.failures_total == 0  # the client left; the backend did nothing wrong
 
 
 async def test_a_dead_pooled_connection_is_replaced_without_failing_the_request(start_proxy):
