@@ -1,0 +1,1 @@
+"""Benchmarks of the proxy against direct-to-backend; run with ``make bench``."""

@@ -1,0 +1,214 @@
+"""Concurrent SSE streams over raw sockets, timing the arrival of every event.
+
+The client is a bare :class:`asyncio.Protocol` with llhttp (``httptools``) parsing the
+response, so the measuring side costs little next to what it measures. An event is complete
+when its blank line (``\\n\\n``) arrives; every event completed by one socket read gets the
+time that read was handed to the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import cast
+
+import httptools
+
+EVENT_END = b"\n\n"
+
+
+class StreamClient(asyncio.Protocol):
+    """One streamed GET on its own connection.
+
+    ``done`` resolves when the response ends or the connection is lost; ``error`` then names
+    what went wrong, or is ``None`` for a complete ``200`` answer.
+    """
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.status = 0
+        self.sent_at = 0.0
+        self.event_times: list[float] = []
+        self.error: str | None = None
+        self._read_at = 0.0
+        self._last_byte = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, request: bytes) -> None:
+        """Write the request and remember when; time to first byte counts from here."""
+        assert self.transport is not None
+        self.sent_at = time.perf_counter()
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        self._read_at = time.perf_counter()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._finish(f"bad response: {exc}")
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        # The previous fragment's last byte joins this one: a "\n\n" may straddle two reads.
+        ends = (self._last_byte + body).count(EVENT_END)
+        self.event_times.extend([self._read_at] * ends)
+        self._last_byte = body[-1:]
+
+    def on_message_complete(self) -> None:
+        self._finish(None if self.status == 200 else f"status {self.status}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._finish("connection lost mid-response")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _finish(self, error: str | None) -> None:
+        if self.done.done():
+            return
+        self.error = error
+        self.done.set_result(None)
+        self.close()
+
+
+@dataclass
+class StreamSamples:
+    """Raw timings of many streams, in seconds; ``errors`` counts failed streams by kind."""
+
+    streams: int = 0
+    events: int = 0
+    ttfb_s: list[float] = field(default_factory=list)
+    gaps_s: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def extend(self, other: StreamSamples) -> None:
+        self.streams += other.streams
+        self.events += other.events
+        self.ttfb_s.extend(other.ttfb_s)
+        self.gaps_s.extend(other.gaps_s)
+        self.errors.update(other.errors)
+
+
+async def run_wave(
+    host: str, port: int, concurrency: int, chunks: int, interval_ms: int, timeout_s: float
+) -> StreamSamples:
+    """Open ``concurrency`` connections, send every request at once, read every stream.
+
+    A stream is expected to carry ``chunks`` events then ``data: [DONE]``; one that ends
+    otherwise, fails, or outlives ``timeout_s`` is counted in ``errors`` (its timings that
+    did arrive are kept).
+    """
+    loop = asyncio.get_running_loop()
+    request = (
+        f"GET /stream?chunks={chunks}&interval_ms={interval_ms} HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\nAccept: text/event-stream\r\nUser-Agent: lb-bench\r\n\r\n"
+    ).encode()
+
+    async def connect() -> StreamClient | str:
+        done: asyncio.Future[None] = loop.create_future()
+        try:
+            _, client = await loop.create_connection(lambda: StreamClient(done), host, port)
+        except OSError as exc:
+            return f"connect: {exc.strerror or type(exc).__name__}"
+        return client
+
+    opened = await asyncio.gather(*(connect() for _ in range(concurrency)))
+    clients = [c for c in opened if isinstance(c, StreamClient)]
+    samples = StreamSamples(streams=concurrency)
+    samples.errors.update(c for c in opened if isinstance(c, str))
+    for client in clients:
+        client.send(request)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(client.done for client in clients))
+    except TimeoutError:
+        pass
+    for client in clients:
+        client.close()
+        times = client.event_times
+        if not client.done.done():
+            samples.errors["timed out"] += 1
+        elif client.error is not None:
+            samples.errors[client.error] += 1
+        elif len(times) != chunks + 1:
+            samples.errors[f"{len(times)} events instead of {chunks + 1}"] += 1
+        samples.events += len(times)
+        if times:
+            samples.ttfb_s.append(times[0] - client.sent_at)
+            samples.gaps_s.extend(b - a for a, b in pairwise(times))
+    return samples
+
+
+async def run_waves(
+    host: str, port: int, waves: int, concurrency: int, chunks: int, interval_ms: int
+) -> StreamSamples:
+    """``waves`` waves of :func:`run_wave`, one after the other, merged."""
+    timeout_s = chunks * interval_ms / 1000.0 + 10.0
+    merged = StreamSamples()
+    for _ in range(waves):
+        merged.extend(await run_wave(host, port, concurrency, chunks, interval_ms, timeout_s))
+    return merged
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile; ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(pct / 100.0 * len(ordered))) - 1]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000.0, 3)
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """What a reader wants from :class:`StreamSamples`, in milliseconds.
+
+    ``gap_ms_max_dev`` is the largest distance of any gap from the backend's interval, early
+    or late.
+    """
+
+    streams: int
+    events: int
+    failed_streams: int
+    errors: dict[str, int]
+    ttfb_ms_mean: float | None
+    ttfb_ms_p50: float | None
+    ttfb_ms_p99: float | None
+    gap_ms_mean: float | None
+    gap_ms_p99: float | None
+    gap_ms_max_dev: float | None
+
+
+def summarise(samples: StreamSamples, interval_ms: int) -> StreamSummary:
+    """Means and nearest-rank percentiles of ``samples``."""
+    interval_s = interval_ms / 1000.0
+    ttfb, gaps = samples.ttfb_s, samples.gaps_s
+    return StreamSummary(
+        streams=samples.streams,
+        events=samples.events,
+        failed_streams=sum(samples.errors.values()),
+        errors=dict(samples.errors),
+        ttfb_ms_mean=_ms(statistics.fmean(ttfb)) if ttfb else None,
+        ttfb_ms_p50=_ms(percentile(ttfb, 50)),
+        ttfb_ms_p99=_ms(percentile(ttfb, 99)),
+        gap_ms_mean=_ms(statistics.fmean(gaps)) if gaps else None,
+        gap_ms_p99=_ms(percentile(gaps, 99)),
+        gap_ms_max_dev=_ms(max(abs(g - interval_s) for g in gaps)) if gaps else None,
+    )
