@@ -7,12 +7,45 @@ import re
 import types
 from collections.abc import Sequence
 from typing import Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 from yaml.constructor import ConstructorError
+
+from lb.config_models import (
+    Admin,
+    BackendConfig,
+    Headers,
+    Limits,
+    Listen,
+    PoolConfig,
+    RouteConfig,
+    Shutdown,
+    Timeouts,
+    Upstream,
+    backend_address,
+    host_port,
+)
+
+__all__ = [
+    "Admin",
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "Headers",
+    "Limits",
+    "Listen",
+    "PoolConfig",
+    "RouteConfig",
+    "Shutdown",
+    "Timeouts",
+    "Upstream",
+    "backend_address",
+    "host_port",
+    "load_config",
+    "parse_config",
+]
 
 
 class ConfigError(Exception):
@@ -45,246 +78,6 @@ def _format_line(path: str, key: str, reason: str) -> str:
 
 
 _Model = ConfigDict(extra="forbid", frozen=True)
-
-
-class Listen(BaseModel):
-    """Where the proxy accepts client connections."""
-
-    model_config = _Model
-
-    host: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
-    port: int = Field(default=8080, ge=1, le=65535, description="TCP port to listen on.")
-
-
-class Admin(BaseModel):
-    """The admin listener: /metrics, /healthz, /readyz."""
-
-    model_config = _Model
-
-    host: str = Field(default="127.0.0.1", min_length=1, description="Admin listen address.")
-    port: int = Field(default=9901, ge=1, le=65535, description="Admin TCP port.")
-    enabled: bool = Field(default=True, description="Whether the admin listener runs at all.")
-
-
-class Timeouts(BaseModel):
-    """Upstream timeouts; set globally and optionally overridden per pool."""
-
-    model_config = _Model
-
-    connect_s: float = Field(
-        default=5.0, gt=0, description="Seconds allowed to open a connection to a backend."
-    )
-    response_headers_s: float | None = Field(
-        default=600.0,
-        gt=0,
-        description=(
-            "Seconds from request sent to response headers received; for a non-streamed "
-            "generation this is the whole generation. null means no limit."
-        ),
-    )
-    idle_s: float | None = Field(
-        default=300.0,
-        gt=0,
-        description=(
-            "Longest gap in seconds between two body chunks in either direction once a "
-            "response has started; never cuts a stream that is still producing tokens. "
-            "null means no limit."
-        ),
-    )
-
-
-class Limits(BaseModel):
-    """Limits on what clients may send and hold open."""
-
-    model_config = _Model
-
-    max_body_bytes: int = Field(
-        default=33554432, ge=0, description="Largest request body accepted; 413 beyond."
-    )
-    max_header_bytes: int = Field(
-        default=65536, ge=1024, description="Largest request line plus headers; 431 beyond."
-    )
-    header_timeout_s: float = Field(
-        default=30.0, gt=0, description="Seconds a client has to finish sending request headers."
-    )
-    keepalive_timeout_s: float = Field(
-        default=75.0, gt=0, description="Seconds an idle client connection is kept open."
-    )
-    max_connections: int = Field(
-        default=10000, ge=1, description="Most client connections open at once."
-    )
-
-
-class Upstream(BaseModel):
-    """Pooling of keep-alive connections to backends."""
-
-    model_config = _Model
-
-    max_idle_per_backend: int = Field(
-        default=128, ge=0, description="Pooled keep-alive connections kept per backend."
-    )
-    idle_timeout_s: float = Field(
-        default=30.0, gt=0, description="Seconds a pooled connection may sit unused before closing."
-    )
-
-
-class Headers(BaseModel):
-    """Headers the proxy adds to requests and responses."""
-
-    model_config = _Model
-
-    backend_header: str | None = Field(
-        default="x-lb-backend",
-        description="Response header naming the backend that served; null or empty turns it off.",
-    )
-    request_id_header: str = Field(
-        default="x-request-id",
-        min_length=1,
-        description="Request header carrying the request id; generated when absent.",
-    )
-    forwarded: bool = Field(
-        default=True, description="Set X-Forwarded-For, X-Forwarded-Proto and X-Forwarded-Host."
-    )
-
-    @field_validator("backend_header")
-    @classmethod
-    def _empty_is_off(cls, value: str | None) -> str | None:
-        return value or None
-
-
-class Shutdown(BaseModel):
-    """How the proxy stops: it stops accepting, then lets in-flight requests finish."""
-
-    model_config = _Model
-
-    grace_s: float = Field(
-        default=30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown."
-    )
-
-
-def backend_address(url: str) -> tuple[str, str, int]:
-    """Split a backend URL into ``(scheme, host, port)``, the port defaulting by scheme.
-
-    Raises ``ValueError`` with a human-readable reason when the URL is not
-    ``http(s)://host[:port][/]``.
-    """
-    if not url.lower().startswith(("http://", "https://")):
-        raise ValueError(f"URL must start with http:// or https:// (got {url!r})")
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        raise ValueError("URL must not contain user credentials")
-    if not parts.hostname:
-        raise ValueError(f"URL has no host (got {url!r})")
-    if parts.path not in ("", "/"):
-        raise ValueError(
-            f"URL must not have a path (got {parts.path!r}); match paths with routes[].path_prefix"
-        )
-    if parts.query or url.endswith("?"):
-        raise ValueError("URL must not have a query string")
-    if parts.fragment or "#" in url:
-        raise ValueError("URL must not have a fragment")
-    scheme = parts.scheme.lower()
-    hostinfo = parts.netloc.rpartition("]")[2] if parts.netloc.startswith("[") else parts.netloc
-    _, colon, port_text = hostinfo.rpartition(":")
-    if not colon or port_text == "":
-        return scheme, parts.hostname, 443 if scheme == "https" else 80
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"URL port must be an integer 1..65535 (got {port_text!r})")
-    return scheme, parts.hostname, int(port_text)
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class BackendConfig(BaseModel):
-    """One upstream server of a pool."""
-
-    model_config = _Model
-
-    url: str = Field(description="Base URL: http(s)://host[:port], no path, query or fragment.")
-    weight: int = Field(default=1, ge=1, le=10000, description="Relative share of traffic.")
-    name: str | None = Field(
-        default=None,
-        min_length=1,
-        description="Name used in logs, metrics and the backend header; defaults to host:port.",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_name(cls, data: Any) -> Any:
-        # Done before validation because the models are frozen; a bad URL is left for the
-        # field validator to report.
-        if isinstance(data, dict) and data.get("name") is None and isinstance(data.get("url"), str):
-            try:
-                _, host, port = backend_address(data["url"])
-            except ValueError:
-                return data
-            return {**data, "name": host_port(host, port)}
-        return data
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        backend_address(value)
-        return value
-
-
-class PoolConfig(BaseModel):
-    """A named group of interchangeable backends and the strategy that balances them."""
-
-    model_config = _Model
-
-    name: str = Field(
-        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="Pool name."
-    )
-    strategy: str = Field(
-        default="round_robin", min_length=1, description="Balancing strategy (registry key)."
-    )
-    strategy_options: dict[str, Any] = Field(
-        default_factory=dict, description="Options passed to the strategy."
-    )
-    backends: list[BackendConfig] = Field(min_length=1, description="The pool's backends.")
-    timeouts: Timeouts | None = Field(
-        default=None, description="Overrides of the global timeouts for this pool."
-    )
-
-
-class RouteConfig(BaseModel):
-    """Sends matching requests to a pool; routes are tried in order, first match wins."""
-
-    model_config = _Model
-
-    pool: str = Field(description="Name of the pool that serves matching requests.")
-    path_prefix: str = Field(default="/", description="Matches paths starting with this.")
-    headers: dict[str, str] = Field(
-        default_factory=dict,
-        description="Headers that must be present with exactly these values; names ignore case.",
-    )
-    methods: list[str] | None = Field(
-        default=None, min_length=1, description="Methods matched; null matches any."
-    )
-
-    @field_validator("path_prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"must start with '/' (got {value!r})")
-        return value
-
-    @field_validator("headers")
-    @classmethod
-    def _lower_names(cls, value: dict[str, str]) -> dict[str, str]:
-        lowered = {name.lower(): v for name, v in value.items()}
-        if len(lowered) != len(value):
-            raise ValueError("header names differ only by case")
-        return lowered
-
-    @field_validator("methods")
-    @classmethod
-    def _upper_methods(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else [m.upper() for m in value]
 
 
 class Config(BaseModel):
