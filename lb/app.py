@@ -12,20 +12,36 @@ import gc
 import logging
 import signal
 import sys
+import time
 
 from aiohttp import web
 
 from lb.admin import make_admin_app
-from lb.build import build_pools, build_router, forwarding_settings, listener_limits
-from lb.config import Config, host_port
+from lb.build import (
+    build_pools,
+    build_router,
+    forwarding_settings,
+    listener_limits,
+    retire_pools,
+)
+from lb.config import Config, ConfigError, host_port, load_config
 from lb.downstream import ClientConnection
+from lb.health import HealthChecker
 from lb.metrics import ProxyCollector, make_registry
+from lb.pool import Pool
 from lb.proxy import Proxy
 
 log = logging.getLogger("lb")
 
 # Young-generation threshold: allocations between collections (CPython's default is 700).
 GC_GEN0_THRESHOLD = 20_000
+
+
+def check_listeners_unchanged(old: Config, new: Config, source: str) -> None:
+    """Listeners cannot move on reload: raises :class:`ConfigError` if they would."""
+    for key in ("listen", "admin"):
+        if getattr(old, key) != getattr(new, key):
+            raise ConfigError(source, key, "listeners cannot change on reload; restart instead")
 
 
 class App:
@@ -39,6 +55,10 @@ class App:
         self.admin_port = 0
         self._server: asyncio.AbstractServer | None = None
         self._admin: web.AppRunner | None = None
+        self.health_checkers: dict[str, HealthChecker] = {}
+        self.reloads_attempted = 0
+        self.reloads_failed = 0
+        self.last_reload_epoch_s = time.time()
         self._stopping = False
         self._stopped = asyncio.Event()
         self._grace_cut = asyncio.Event()
@@ -50,6 +70,7 @@ class App:
         limits = listener_limits(config)
         proxy = Proxy(build_router(config, pools), pools, limits, forwarding_settings(config))
         self.proxy = proxy
+        self._start_health_checks(config, pools)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientConnection(proxy, limits),
@@ -77,6 +98,49 @@ class App:
             if config.admin.enabled
             else "(disabled)",
         )
+
+    def _start_health_checks(self, config: Config, pools: dict[str, Pool]) -> None:
+        for pc in config.pools:
+            pool = pools[pc.name]
+            checker = HealthChecker(pool.name, pool.backends, pc.health_check, pool)
+            checker.start()
+            self.health_checkers[pool.name] = checker
+
+    async def reload(self) -> bool:
+        """Re-read the config file and swap pools, routes and strategies atomically.
+
+        Requests in flight finish where they are; backends that stay keep their state. An
+        invalid file changes nothing: the reason is logged and ``False`` returned.
+        """
+        proxy = self.proxy
+        assert proxy is not None
+        self.reloads_attempted += 1
+        try:
+            config = load_config(self.source)
+            check_listeners_unchanged(self.config, config, self.source)
+            pools = build_pools(config, self.source, previous=proxy.pools)
+            router = build_router(config, pools)
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            for line in str(exc).splitlines():
+                log.error("reload refused, keeping the running config: %s", line)
+            return False
+        old_pools, old_checkers = proxy.pools, self.health_checkers
+        proxy.swap(router, pools)
+        retire_pools(old_pools, pools)
+        self.health_checkers = {}
+        self._start_health_checks(config, pools)
+        self.config = config
+        self.last_reload_epoch_s = time.time()
+        for checker in old_checkers.values():
+            await checker.stop()
+        log.info(
+            "config reloaded from %s: %d pools, %d backends",
+            self.source,
+            len(pools),
+            sum(len(p.backends) for p in pools.values()),
+        )
+        return True
 
     async def shutdown(self) -> None:
         """Drain and stop; safe to call more than once (a second call cuts the grace period)."""
@@ -106,6 +170,8 @@ class App:
             log.warning("grace period over: cutting %d requests", proxy.active_requests)
         for conn in list(proxy.connections):
             conn.abort()
+        for checker in self.health_checkers.values():
+            await checker.stop()
         for pool in proxy.pools.values():
             pool.close()
         if self._admin is not None:
@@ -132,7 +198,7 @@ async def serve(config: Config, source: str) -> int:
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
     loop = asyncio.get_running_loop()
-    shutdown_tasks: set[asyncio.Task[None]] = set()
+    shutdown_tasks: set[asyncio.Task[object]] = set()
 
     def on_signal(signum: int) -> None:
         log.info("received %s", signal.Signals(signum).name)
@@ -142,6 +208,14 @@ async def serve(config: Config, source: str) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+
+    def on_hangup() -> None:
+        log.info("received SIGHUP: reloading %s", source)
+        task = loop.create_task(app.reload())
+        shutdown_tasks.add(task)
+        task.add_done_callback(shutdown_tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await app.wait_stopped()
     return 0
 

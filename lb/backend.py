@@ -33,7 +33,18 @@ class Backend:
     host: str
     port: int
     weight: int = 1
-    healthy: bool = True
+    max_concurrency: int | None = None  # requests in flight at most; None: no limit
+
+    # Eligibility, written by the pool's health, ejection and drain logic (lb.pool).
+    healthy: bool = True  # the active health check's verdict
+    drained: bool = False  # taken out by an operator: no new requests
+    ejected_until_s: float = 0.0  # passive outlier ejection, on the monotonic clock
+    ejections: int = 0  # ejections in the current streak; the next one lasts longer
+    ejections_total: int = 0
+    held_until_s: float = 0.0  # a Retry-After from the backend, on the monotonic clock
+    available: bool = True  # healthy, not drained, not ejected, not held: may take requests
+    # Slow start: the weight strategies use, ramped up after the backend comes back.
+    effective_weight: float = 1.0
 
     # Load, written only by lb.load.Attempt.
     in_flight: int = 0
@@ -46,7 +57,14 @@ class Backend:
     responses_by_class: list[int] = field(default_factory=lambda: [0] * 6)
 
     @classmethod
-    def from_url(cls, url: str, *, weight: int = 1, name: str | None = None) -> Backend:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        weight: int = 1,
+        name: str | None = None,
+        max_concurrency: int | None = None,
+    ) -> Backend:
         """Build a backend from ``http://host:port`` (or ``https://``); port defaults by scheme."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -63,7 +81,17 @@ class Backend:
             host=host,
             port=port,
             weight=weight,
+            max_concurrency=max_concurrency,
         )
+
+    def __post_init__(self) -> None:
+        self.effective_weight = float(self.weight)
+
+    @property
+    def has_room(self) -> bool:
+        """True unless the backend holds ``max_concurrency`` requests already."""
+        limit = self.max_concurrency
+        return limit is None or self.in_flight < limit
 
     def rtt_at(self, now_s: float, decay_s: float = DEFAULT_DECAY_S) -> float:
         """The latency estimate as of ``now_s``, decayed towards the default guess.

@@ -7,32 +7,61 @@ are raised as :class:`~lb.config.ConfigError` with the key path, like any other 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from lb.admission import AdmissionQueue
 from lb.backend import DEFAULT_DECAY_S, Backend
 from lb.config import Config, ConfigError
 from lb.downstream import ListenerLimits
 from lb.forwarding import ForwardingSettings
+from lb.outlier import OutlierDetector
 from lb.pool import Pool, PoolTimeouts
+from lb.retry import RetryPolicy
 from lb.router import Route, Router
 from lb.strategies import build as build_strategy
 from lb.upstream import ConnectionPool
 
-# Bodies up to this size are kept so a request can be replayed on another connection.
-REPLAY_BYTES = 1 << 20
 
+def build_pools(
+    config: Config,
+    source: str = "<config>",
+    previous: Mapping[str, Pool] | None = None,
+) -> dict[str, Pool]:
+    """One :class:`Pool` per configured pool, in file order.
 
-def build_pools(config: Config, source: str = "<config>") -> dict[str, Pool]:
-    """One :class:`Pool` per configured pool, in file order."""
+    With ``previous`` (a reload), a backend that stays (same pool, URL and name) keeps its
+    state: the same :class:`Backend` object (health, in-flight, latency estimate, counters)
+    and its pooled connections; a pool that stays keeps its counters. New backends start as
+    at start-up, ramping up if the pool has slow start.
+    """
     pools: dict[str, Pool] = {}
     problems: list[tuple[str, str]] = []
     for i, pc in enumerate(config.pools):
-        backends = [Backend.from_url(b.url, weight=b.weight, name=b.name) for b in pc.backends]
+        prev = previous.get(pc.name) if previous else None
+        kept = {(b.url, b.name): b for b in prev.backends} if prev else {}
+        pool_limit = pc.admission.max_concurrency
+        backends: list[Backend] = []
+        fresh: list[Backend] = []
+        for bc in pc.backends:
+            backend = kept.get((bc.url, bc.name or ""))
+            if backend is None:
+                backend = Backend.from_url(bc.url, weight=bc.weight, name=bc.name)
+                if pc.health_check.enabled and pc.health_check.initial_state == "unhealthy":
+                    backend.healthy = False
+                fresh.append(backend)
+            backend.weight = bc.weight
+            backend.effective_weight = float(bc.weight)
+            backend.max_concurrency = bc.max_concurrency or pool_limit
+            backends.append(backend)
         try:
             strategy = build_strategy(pc.strategy, backends, options=pc.strategy_options)
         except ValueError as exc:
             problems.append((f"pools[{i}].strategy", str(exc)))
             continue
         upstreams = {
-            b: ConnectionPool(
+            b: prev.upstreams[b]
+            if prev is not None and b in prev.upstreams
+            else ConnectionPool(
                 b,
                 max_idle=config.upstream.max_idle_per_backend,
                 idle_timeout_s=config.upstream.idle_timeout_s,
@@ -47,7 +76,21 @@ def build_pools(config: Config, source: str = "<config>") -> dict[str, Pool]:
             upstreams,
             PoolTimeouts(t.connect_s, t.response_headers_s, t.idle_s),
             rtt_decay_s=float(pc.strategy_options.get("decay_s", DEFAULT_DECAY_S)),
+            retry=RetryPolicy.from_config(pc.retry),
+            outliers=OutlierDetector(pc.outlier_detection),
+            queue=AdmissionQueue(
+                max_queue=pc.admission.max_queue,
+                timeout_s=pc.admission.queue_timeout_s,
+                reject_status=pc.admission.reject_status,
+                retry_after_s=pc.admission.retry_after_s,
+            ),
+            panic_threshold=pc.panic_threshold_percent / 100.0,
+            slow_start_s=pc.slow_start_s,
+            stats=prev.stats if prev is not None else None,
         )
+        if prev is not None:
+            for backend in fresh:
+                pool.begin_slow_start(backend)
         header = config.headers.backend_header
         pool.backend_lines = {
             b: (b"%s: %s\r\n" % (header.encode(), b.name.encode()) if header else b"")
@@ -56,9 +99,20 @@ def build_pools(config: Config, source: str = "<config>") -> dict[str, Pool]:
         pools[pc.name] = pool
     if problems:
         for pool in pools.values():
-            pool.close()
+            pool.retire(keep=_all_backends(previous))
         raise ConfigError.from_problems(source, problems)
     return pools
+
+
+def _all_backends(pools: Mapping[str, Pool] | None) -> set[Backend]:
+    return {b for pool in (pools or {}).values() for b in pool.backends}
+
+
+def retire_pools(old: Mapping[str, Pool], new: Mapping[str, Pool]) -> None:
+    """After a reload: stop the old pools, closing connections of backends that left."""
+    keep = _all_backends(new)
+    for pool in old.values():
+        pool.retire(keep=keep)
 
 
 def build_router(config: Config, pools: dict[str, Pool]) -> Router:
@@ -68,10 +122,22 @@ def build_router(config: Config, pools: dict[str, Pool]) -> Router:
             path_prefix=rc.path_prefix.encode(),
             headers=tuple((k.encode(), v.encode()) for k, v in rc.headers.items()),
             methods=frozenset(m.encode() for m in rc.methods) if rc.methods else None,
+            retry=RetryPolicy.from_config(rc.retry) if rc.retry is not None else None,
         )
         for rc in config.routes
     ]
     return Router(routes, default=pools[config.pools[0].name])
+
+
+def replay_bytes(config: Config) -> int:
+    """Bodies up to this size are kept for replay: the largest any pool or route may retry.
+
+    The body starts arriving before its route is known, so the largest limit applies; each
+    retry still checks its own policy's ``replay_max_bytes``.
+    """
+    sizes = [p.retry.replay_max_bytes for p in config.pools]
+    sizes += [r.retry.replay_max_bytes for r in config.routes if r.retry is not None]
+    return max(sizes)
 
 
 def listener_limits(config: Config) -> ListenerLimits:
@@ -81,7 +147,7 @@ def listener_limits(config: Config) -> ListenerLimits:
         max_body_bytes=lim.max_body_bytes,
         header_timeout_s=lim.header_timeout_s,
         keepalive_timeout_s=lim.keepalive_timeout_s,
-        replay_bytes=REPLAY_BYTES,
+        replay_bytes=replay_bytes(config),
         max_connections=lim.max_connections,
         request_id_header=config.headers.request_id_header.lower().encode(),
     )

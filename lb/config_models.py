@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lb.config_resilience import Admission, HealthCheck, OutlierDetection, Retry
+
 _Model = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -172,6 +174,9 @@ class BackendConfig(BaseModel):
 
     url: str = Field(description="Base URL: http(s)://host[:port], no path, query or fragment.")
     weight: int = Field(default=1, ge=1, le=10000, description="Relative share of traffic.")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="Overrides the pool's admission.max_concurrency."
+    )
     name: str | None = Field(
         default=None,
         min_length=1,
@@ -216,6 +221,23 @@ class PoolConfig(BaseModel):
     timeouts: Timeouts | None = Field(
         default=None, description="Overrides of the global timeouts for this pool."
     )
+    health_check: HealthCheck = Field(default_factory=HealthCheck, description="Active checks.")
+    outlier_detection: OutlierDetection = Field(
+        default_factory=OutlierDetection, description="Passive ejection on failures."
+    )
+    retry: Retry = Field(default_factory=Retry, description="Retries of failed attempts.")
+    admission: Admission = Field(
+        default_factory=Admission, description="Per-backend concurrency limit and queue."
+    )
+    panic_threshold_percent: float = Field(
+        default=50.0,
+        ge=0,
+        le=100,
+        description="Below this share of available backends, balance over all of them.",
+    )
+    slow_start_s: float = Field(
+        default=0.0, ge=0, description="A backend that comes back ramps its weight up over this."
+    )
 
 
 class RouteConfig(BaseModel):
@@ -231,6 +253,9 @@ class RouteConfig(BaseModel):
     )
     methods: list[str] | None = Field(
         default=None, min_length=1, description="Methods matched; null matches any."
+    )
+    retry: Retry | None = Field(
+        default=None, description="Overrides the pool's retry settings for this route."
     )
 
     @field_validator("path_prefix")

@@ -348,6 +348,7 @@ class ClientConnection(asyncio.Protocol):
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
         ]
+        head.extend(err.headers)
         if req is not None and req.request_id is not None:
             head.append(self.limits.request_id_header + b": " + req.request_id + b"\r\n")
         if not keep:

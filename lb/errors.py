@@ -19,6 +19,7 @@ class ProxyError(Exception):
         super().__init__(message)
         self.message = message
         self.pool = pool
+        self.headers: list[bytes] = []  # extra response header lines, e.g. b"retry-after: 1\r\n"
 
 
 class BadRequest(ProxyError):
@@ -70,6 +71,19 @@ class UpstreamFailed(ProxyError):
 
     status = 502
     type = "backend_error"
+
+
+class UpstreamStatus(ProxyError):
+    """The backend answered a status that is retried; raised when no retry could follow."""
+
+    type = "backend_status"
+
+    def __init__(self, message: str, *, status: int, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+        if retry_after_s is not None:
+            self.headers = [b"retry-after: %d\r\n" % max(int(retry_after_s), 0)]
 
 
 class NoBackendAvailable(ProxyError):

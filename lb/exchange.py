@@ -11,12 +11,14 @@ pauses reading from the client. The proxy awaits :attr:`Exchange.done`, which re
 from __future__ import annotations
 
 import asyncio
+import time
 
 from lb.downstream import ClientConnection, IncomingRequest
-from lb.errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from lb.errors import ProxyError, UpstreamFailed, UpstreamStatus, UpstreamTimeout, error_body
 from lb.forwarding import ForwardingSettings, response_head
 from lb.http1 import Headers, chunk, last_chunk
 from lb.load import Attempt
+from lb.retry import parse_retry_after
 from lb.upstream import FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 
@@ -25,12 +27,15 @@ class Exchange:
 
     __slots__ = (
         "_chunked",
+        "_discard",
         "_ended",
         "_extra",
+        "_headers",
         "_headers_timeout_s",
         "_idle_s",
         "_last_s",
         "_out",
+        "_retry_statuses",
         "_settings",
         "_timer",
         "attempt",
@@ -54,6 +59,7 @@ class Exchange:
         settings: ForwardingSettings,
         headers_timeout_s: float | None,
         idle_timeout_s: float | None,
+        retry_statuses: frozenset[int] = frozenset(),
     ) -> None:
         self.client = client
         self.req = req
@@ -72,6 +78,9 @@ class Exchange:
         self._chunked = False
         self._ended = False
         self._last_s = 0.0
+        self._retry_statuses = retry_statuses  # answers that are swallowed and retried
+        self._discard = False
+        self._headers: Headers = []
 
     def start(self, head: bytes) -> None:
         """Write the request head and the body held so far; stream the rest as it comes."""
@@ -108,6 +117,12 @@ class Exchange:
             self._timer = None
         self.status = status
         self.attempt.response_started(status)
+        self._headers = headers
+        if status in self._retry_statuses:
+            # The client never sees this answer: its body is read and dropped, and the
+            # request is tried again (the connection stays reusable).
+            self._discard = True
+            return
         req = self.req
         http11 = req.version == "1.1"
         self._chunked = chunked = framing > FRAMING_LENGTH and http11
@@ -131,15 +146,46 @@ class Exchange:
             self._chunked = False
 
     def on_response_body(self, data: bytes) -> None:
-        self._out.append(chunk(data) if self._chunked else data)
+        if not self._discard:
+            self._out.append(chunk(data) if self._chunked else data)
 
     def on_response_end(self, trailers: Headers) -> None:
+        self._ended = True
+        if self._discard:
+            self._resolve(self._status_error())
+            return
         if self._chunked:
             self._out.append(last_chunk(trailers))
-        self._ended = True
         self._resolve(None)
 
+    def _status_error(self) -> UpstreamStatus:
+        retry_after = None
+        for name, value in self._headers:
+            if name.lower() == b"retry-after":
+                retry_after = parse_retry_after(value, time.time())
+        return UpstreamStatus(
+            f"backend {self.attempt.backend.name} answered {self.status}",
+            status=self.status,
+            retry_after_s=retry_after,
+        )
+
+    def _is_event_stream(self) -> bool:
+        for name, value in self._headers:
+            if name.lower() == b"content-type":
+                return value.lower().startswith(b"text/event-stream")
+        return False
+
+    def _end_stream_with_error(self, error: ProxyError) -> None:
+        """A started SSE response that breaks gets an ``error`` event before the cut."""
+        if self.req.response_started and not self._discard and self._is_event_stream():
+            payload = error_body(error)
+            event = b"event: error\ndata: %s\n\n" % payload
+            self._out.append(chunk(event) if self._chunked else event)
+            self.flush()
+
     def flush(self) -> None:
+        if self._discard:
+            return
         out = self._out
         if out:
             if not self.client.closed:
@@ -154,6 +200,10 @@ class Exchange:
         self.flush()
         conn = self.conn
         self.stale = not response_started and not conn.got_bytes and conn.reused
+        if self._discard:
+            self._resolve(self._status_error())  # the retry is due anyway
+            return
+        self._end_stream_with_error(error)
         self._resolve(error)
 
     def on_upstream_write_paused(self, paused: bool) -> None:
@@ -181,11 +231,11 @@ class Exchange:
             return
         self.flush()
         self.conn.abort()
-        self._resolve(
-            UpstreamTimeout(
-                f"backend {self.attempt.backend.name} sent nothing for {self._idle_s:g}s"
-            )
+        error = UpstreamTimeout(
+            f"backend {self.attempt.backend.name} sent nothing for {self._idle_s:g}s"
         )
+        self._end_stream_with_error(error)
+        self._resolve(error)
 
     def _resolve(self, result: ProxyError | None) -> None:
         if not self.done.done():

@@ -1,19 +1,35 @@
 """A pool: a named set of backends, the strategy that chooses among them, their connections.
 
-The pool answers one question for the proxy: which backends may take this attempt. It filters
-out unhealthy backends and those already tried for the request, so strategies see only
-candidates. Discovery (the backend list), health and selection stay three separate things.
+The pool answers one question for the proxy: which backends may take this attempt. A backend
+is *available* when its health check passes and it is neither drained, ejected nor holding a
+``Retry-After``. When fewer than ``panic_threshold`` of the serving backends are available, the
+pool panics and balances over all of them (Envoy's panic threshold) rather than piling every
+request onto the last one or two. Candidates exclude backends already tried for the request
+and, with ``max_concurrency``, those that are full. Discovery (the backend list), health and
+selection stay three separate things: health and ejection only flip flags here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lb.admission import AdmissionQueue
 from lb.backend import DEFAULT_DECAY_S, Backend
+from lb.outlier import OutlierDetector
+from lb.retry import RetryBudget, RetryPolicy
 from lb.stats import PoolStats
 from lb.strategies import Strategy
 from lb.upstream import ConnectionPool
+
+log = logging.getLogger("lb.pool")
+
+# Slow start: the weight ramps linearly from this share of the configured weight.
+SLOW_START_FLOOR = 0.1
+SLOW_START_TICK_S = 0.25
 
 
 @dataclass(slots=True)
@@ -26,7 +42,7 @@ class PoolTimeouts:
 
 
 class Pool:
-    """Backends of one pool with their strategy and keep-alive connection pools."""
+    """Backends of one pool with their strategy, connection pools and eligibility state."""
 
     def __init__(
         self,
@@ -35,7 +51,15 @@ class Pool:
         strategy: Strategy,
         upstreams: dict[Backend, ConnectionPool],
         timeouts: PoolTimeouts,
+        *,
         rtt_decay_s: float = DEFAULT_DECAY_S,
+        retry: RetryPolicy | None = None,
+        outliers: OutlierDetector | None = None,
+        queue: AdmissionQueue | None = None,
+        panic_threshold: float = 0.5,
+        slow_start_s: float = 0.0,
+        stats: PoolStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.backends = tuple(backends)
@@ -43,23 +67,175 @@ class Pool:
         self.upstreams = upstreams
         self.timeouts = timeouts
         self.rtt_decay_s = rtt_decay_s  # the latency estimate's decay, shared with the strategy
-        self.stats = PoolStats()
+        self.retry = retry or RetryPolicy()
+        self.budget = RetryBudget()
+        self.outliers = outliers
+        self.queue = queue
+        self.panic_threshold = panic_threshold
+        self.slow_start_s = slow_start_s
+        self.stats = stats or PoolStats()
+        self.clock = clock
         # Header lines naming each backend, built once: b"x-lb-backend: name\r\n".
         self.backend_lines: dict[Backend, bytes] = {}
-        self.healthy: tuple[Backend, ...] = ()
-        self.refresh_health()
+        self.limited = any(b.max_concurrency is not None for b in self.backends)
+        self.eligible: tuple[Backend, ...] = ()
+        self.panicking = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._ramping: dict[Backend, float] = {}  # backend -> slow start began (clock)
+        self._ramp_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.refresh()
 
-    def refresh_health(self) -> None:
-        """Recompute the healthy set after a backend's health changed."""
-        self.healthy = tuple(b for b in self.backends if b.healthy)
+    # -- eligibility ------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Recompute availability and the eligible set; call after any flag changed."""
+        if self._closed:
+            return
+        now = self.clock()
+        next_change = float("inf")
+        for b in self.backends:
+            until = max(b.ejected_until_s, b.held_until_s)
+            if until > now:
+                next_change = min(next_change, until)
+            available = b.healthy and not b.drained and until <= now
+            if available and not b.available:
+                self._begin_slow_start(b, now)
+            b.available = available
+        available_set = tuple(b for b in self.backends if b.available)
+        serving = tuple(b for b in self.backends if not b.drained)
+        panicking = bool(serving) and len(available_set) < self.panic_threshold * len(serving)
+        if panicking != self.panicking:
+            log.warning(
+                "pool=%s %s panic mode: %d of %d backends available",
+                self.name,
+                "entering" if panicking else "leaving",
+                len(available_set),
+                len(serving),
+            )
+        self.panicking = panicking
+        self.eligible = serving if panicking else available_set
+        self._schedule(next_change)
+        if self.queue is not None and self.queue:
+            self.queue.wake_one()
+
+    def _schedule(self, when_s: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when_s == float("inf"):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # built outside a loop (a config check): nothing expires there
+        delay = max(when_s - self.clock(), 0.0)
+        self._timer = loop.call_later(delay, self.refresh)
 
     def candidates(self, tried: Sequence[Backend]) -> Sequence[Backend]:
-        """Backends eligible for the next attempt: healthy and not yet tried."""
-        healthy = self.healthy
+        """Backends eligible for the next attempt: available (or all, in panic), not tried,
+        and with room under ``max_concurrency``."""
+        eligible: Sequence[Backend] = self.eligible
+        if self.limited:
+            eligible = [b for b in eligible if b.has_room]
         if not tried:
-            return healthy
-        return [b for b in healthy if b not in tried]
+            return eligible
+        return [b for b in eligible if b not in tried]
+
+    def ejected_count(self) -> int:
+        now = self.clock()
+        return sum(1 for b in self.backends if b.ejected_until_s > now)
+
+    # -- what the proxy reports -------------------------------------------------------------
+
+    def attempt_ended(self, backend: Backend, failed: bool, observed: bool = True) -> None:
+        """Feed passive outlier detection and hand a freed slot to the queue.
+
+        ``observed`` is False for an attempt the client abandoned: it tells nothing about the
+        backend, but its slot is free all the same.
+        """
+        outliers = self.outliers
+        if observed and outliers is not None and outliers.enabled:
+            now = self.clock()
+            if outliers.observe(backend, failed, now, len(self.backends), self.ejected_count()):
+                log.warning(
+                    "pool=%s backend=%s ejected for %.1fs after %d failures in a row",
+                    self.name,
+                    backend.name,
+                    backend.ejected_until_s - now,
+                    outliers.threshold,
+                )
+                self.refresh()
+        queue = self.queue
+        if queue is not None and queue:
+            queue.wake_one()
+
+    def hold(self, backend: Backend, seconds: float) -> None:
+        """Keep ``backend`` out for ``seconds``: it asked for that with ``Retry-After``."""
+        until = self.clock() + seconds
+        if until > backend.held_until_s:
+            backend.held_until_s = until
+            self.refresh()
+
+    # -- health listener (lb.health) ----------------------------------------------------------
+
+    def health_changed(self, backend: Backend, healthy: bool) -> None:
+        self.refresh()
+
+    def health_probe_passed(self, backend: Backend) -> None:
+        if backend.ejected_until_s > self.clock():
+            backend.ejected_until_s = 0.0  # a passing active check ends an ejection early
+            log.info("pool=%s backend=%s back from ejection: health check passed",
+                     self.name, backend.name)  # fmt: skip
+            self.refresh()
+
+    # -- slow start -------------------------------------------------------------------------
+
+    def begin_slow_start(self, backend: Backend) -> None:
+        """Ramp ``backend``'s weight up from now (a backend added by a reload)."""
+        self._begin_slow_start(backend, self.clock())
+
+    def _begin_slow_start(self, backend: Backend, now: float) -> None:
+        if self.slow_start_s <= 0:
+            return
+        self._ramping[backend] = now
+        backend.effective_weight = backend.weight * SLOW_START_FLOOR
+        if self._ramp_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._ramp_timer = loop.call_later(SLOW_START_TICK_S, self._ramp)
+
+    def _ramp(self) -> None:
+        self._ramp_timer = None
+        now = self.clock()
+        for backend, began in list(self._ramping.items()):
+            share = (now - began) / self.slow_start_s
+            if share >= 1.0 or not backend.available:
+                backend.effective_weight = float(backend.weight)
+                del self._ramping[backend]
+            else:
+                backend.effective_weight = backend.weight * max(SLOW_START_FLOOR, share)
+        if self._ramping and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._ramp_timer = loop.call_later(SLOW_START_TICK_S, self._ramp)
+
+    def retire(self, keep: set[Backend]) -> None:
+        """Stop this pool's timers; close the connections of backends not in ``keep``.
+
+        Used when a reload replaces the pool: requests in flight finish on the connections
+        they hold, which close when released.
+        """
+        self._closed = True
+        for timer in (self._timer, self._ramp_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._ramp_timer = None
+        for backend, upstream in self.upstreams.items():
+            if backend not in keep:
+                upstream.close()
 
     def close(self) -> None:
-        for upstream in self.upstreams.values():
-            upstream.close()
+        """Stop timers and close idle upstream connections."""
+        self.retire(keep=set())

@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 from lb.backend import Backend
 from lb.downstream import ClientConnection, IncomingRequest, ListenerLimits
-from lb.errors import NoBackendAvailable, ProxyError, UpstreamUnreachable
+from lb.errors import NoBackendAvailable, ProxyError, UpstreamStatus, UpstreamUnreachable
 from lb.exchange import Exchange
 from lb.forwarding import ForwardingSettings, new_request_id, request_head
 from lb.load import Attempt
 from lb.pool import Pool
-from lb.router import Router
+from lb.retry import RetryPolicy, retry_reason
+from lb.router import Route, Router
 from lb.strategies import RequestInfo
 
 log = logging.getLogger("lb.proxy")
 
-# Backends tried for one request when earlier ones could not be connected to.
-MAX_CONNECT_ATTEMPTS = 3
+NO_STATUSES: frozenset[int] = frozenset()
 
 
 class Proxy:
@@ -44,6 +45,7 @@ class Proxy:
         self.draining = False
         self.connections: set[ClientConnection] = set()
         self.active_requests = 0
+        self.rng = random.Random()
         self.idle = asyncio.Event()  # set while draining once no request is in flight
 
     def swap(self, router: Router, pools: dict[str, Pool]) -> None:
@@ -59,20 +61,20 @@ class Proxy:
         if req.request_id is None:
             req.request_id = new_request_id()
         try:
-            pool = self.router.match(req)
-            await self._forward(client, req, pool)
+            route = self.router.match(req)
+            pool = route.pool
+            pool.budget.requests += 1
+            try:
+                await self._forward(client, req, route)
+            finally:
+                pool.budget.requests -= 1
         except ProxyError as err:
             if pool is not None and err.pool is None:
                 err.pool = pool.name
             client.answer_error(req, err)
-            if pool is not None:
-                pool.stats.responses_by_class[err.status // 100] += 1
-                pool = None  # counted
         except asyncio.CancelledError:
             if pool is not None:
                 pool.stats.client_disconnects += 1
-                pool.stats.responses_by_class[0] += 1
-                pool = None
             raise
         except Exception:
             log.exception("unexpected error while proxying request %s", req.request_id)
@@ -82,49 +84,102 @@ class Proxy:
             if not self.active_requests and self.draining:
                 self.idle.set()
             if pool is not None:
-                pool.stats.duration.observe(time.monotonic() - started)
+                stats = pool.stats
+                stats.responses_by_class[min(req.status // 100, 5)] += 1
+                stats.duration.observe(time.monotonic() - started)
             client.request_done(req)
 
-    async def _forward(self, client: ClientConnection, req: IncomingRequest, pool: Pool) -> None:
+    async def _forward(self, client: ClientConnection, req: IncomingRequest, route: Route) -> None:
+        """Attempts until one answers, retrying what the route's policy allows."""
+        pool = route.pool
+        policy = route.retry_policy
         info = RequestInfo(method=req.method.decode(), path=req.path.decode(errors="replace"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.deadline_s if policy.deadline_s is not None else None
         tried: list[Backend] = []
-        last_error: ProxyError | None = None
-        while len(tried) < MAX_CONNECT_ATTEMPTS:
-            candidates = pool.candidates(tried)
-            if not candidates:
-                break
-            backend = (
-                candidates[0] if len(candidates) == 1 else pool.strategy.pick(candidates, info)
-            )
+        retries = 0
+        while True:
+            backend = await self._choose(pool, tried, info)
             tried.append(backend)
-            error = await self._attempt(client, req, pool, backend)
+            may_retry = (
+                retries < policy.max_retries
+                and req.body.can_replay
+                and req.body.size <= policy.replay_max_bytes
+                and pool.budget.allows(policy)
+            )
+            if retries:
+                pool.budget.retries += 1
+            try:
+                error = await self._attempt(
+                    client, req, pool, backend, policy, policy.statuses if may_retry else NO_STATUSES
+                )
+            finally:
+                if retries:
+                    pool.budget.retries -= 1
             if error is None:
-                pool.stats.responses_by_class[min(req.status // 100, 5)] += 1
                 return
-            if isinstance(error, UpstreamUnreachable) and req.body.can_replay:
-                last_error = error
-                continue
-            raise error
-        if last_error is not None:
-            raise last_error
-        raise NoBackendAvailable(f"no healthy backend in pool {pool.name}")
+            retryable = isinstance(error, UpstreamStatus) or policy.retries_error(error)
+            if req.response_started or not may_retry or not retryable:
+                raise error
+            if deadline is not None and loop.time() >= deadline:
+                raise error
+            retries += 1
+            pool.stats.count_retry(retry_reason(error))
+            delay = policy.backoff_s(retries, self.rng)
+            if isinstance(error, UpstreamStatus) and error.retry_after_s is not None:
+                hold_s = min(error.retry_after_s, policy.retry_after_max_s)
+                pool.hold(backend, hold_s)
+                if not pool.candidates(tried):
+                    delay = max(delay, hold_s)  # nowhere else to go: wait as the backend asked
+            if deadline is not None:
+                delay = min(delay, max(deadline - loop.time(), 0.0))
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def _choose(self, pool: Pool, tried: list[Backend], info: RequestInfo) -> Backend:
+        """A backend for the next attempt: an untried one if any, else any eligible one;
+        waits in the pool's queue while every eligible backend is full."""
+        queue = pool.queue
+        woken = False
+        while True:
+            candidates = pool.candidates(tried)
+            if not candidates and tried:
+                candidates = pool.candidates(())  # every backend was tried: retry on any
+            # First come, first served: a newcomer queues behind requests already waiting.
+            if candidates and (queue is None or woken or tried or not queue):
+                if len(candidates) == 1:
+                    return candidates[0]
+                return pool.strategy.pick(candidates, info)
+            if queue is None or not pool.eligible:
+                raise NoBackendAvailable(f"no available backend in pool {pool.name}")
+            await queue.wait(front=woken)
+            woken = True
 
     async def _attempt(
-        self, client: ClientConnection, req: IncomingRequest, pool: Pool, backend: Backend
+        self,
+        client: ClientConnection,
+        req: IncomingRequest,
+        pool: Pool,
+        backend: Backend,
+        policy: RetryPolicy,
+        retry_statuses: frozenset[int],
     ) -> ProxyError | None:
         """One attempt on ``backend``; returns the error that ended it, or ``None``."""
         upstreams = pool.upstreams[backend]
         timeouts = pool.timeouts
-        with Attempt(backend, decay_s=pool.rtt_decay_s) as attempt:
+        headers_timeout_s = policy.per_try_timeout_s or timeouts.response_headers_s
+        attempt = Attempt(backend, decay_s=pool.rtt_decay_s)
+        error: ProxyError | None = None
+        status = 0
+        try:
             conn = upstreams.take_idle()
             while True:
                 if conn is None:
                     try:
                         conn = await upstreams.connect(timeouts.connect_s)
                     except UpstreamUnreachable as err:
-                        err.pool = pool.name
-                        attempt.finish(failed=True)
-                        return err
+                        error = err
+                        break
                 exchange = Exchange(
                     client,
                     req,
@@ -132,21 +187,33 @@ class Proxy:
                     attempt,
                     extra_headers=pool.backend_lines[backend] + self._request_id_line(req),
                     settings=self.settings,
-                    headers_timeout_s=timeouts.response_headers_s,
+                    headers_timeout_s=headers_timeout_s,
                     idle_timeout_s=timeouts.idle_s,
+                    retry_statuses=retry_statuses,
                 )
                 exchange.start(self._head(client, req, backend))
                 try:
                     error = await exchange.done
                 finally:
                     exchange.close()
+                status = exchange.status
                 if error is not None and exchange.stale and req.body.can_replay:
                     conn = None  # the pooled connection was dead: replay on a fresh one
                     continue
-                if error is not None:
-                    error.pool = pool.name
-                attempt.finish(failed=error is not None)
-                return error
+                break
+        except asyncio.CancelledError:
+            attempt.finish(abandoned=True)
+            pool.attempt_ended(backend, failed=False, observed=False)
+            raise
+        attempt.finish(failed=error is not None and not isinstance(error, UpstreamStatus))
+        outliers = pool.outliers
+        failed = (error is not None and not isinstance(error, UpstreamStatus)) or (
+            outliers is not None and outliers.is_failure_status(status)
+        )
+        pool.attempt_ended(backend, failed=failed)
+        if error is not None:
+            error.pool = pool.name
+        return error
 
     def _head(self, client: ClientConnection, req: IncomingRequest, backend: Backend) -> bytes:
         assert req.request_id is not None

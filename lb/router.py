@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from lb.downstream import IncomingRequest
 from lb.errors import NoRoute
 from lb.pool import Pool
+from lb.retry import RetryPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,11 @@ class Route:
     path_prefix: bytes = b"/"
     headers: tuple[tuple[bytes, bytes], ...] = ()
     methods: frozenset[bytes] | None = None
+    retry: RetryPolicy | None = None  # overrides the pool's
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self.retry if self.retry is not None else self.pool.retry
 
     def matches(self, req: IncomingRequest) -> bool:
         if not req.url.startswith(self.path_prefix):
@@ -38,16 +44,16 @@ class Route:
 
 
 class Router:
-    """Maps a request to a pool; raises :class:`NoRoute` when routes exist and none match."""
+    """Maps a request to a route; raises :class:`NoRoute` when routes exist and none match."""
 
     def __init__(self, routes: Sequence[Route], default: Pool) -> None:
         self.routes = tuple(routes)
-        self.default = default
+        self.default = Route(pool=default)
 
-    def match(self, req: IncomingRequest) -> Pool:
+    def match(self, req: IncomingRequest) -> Route:
         if not self.routes:
             return self.default
         for route in self.routes:
             if route.matches(req):
-                return route.pool
+                return route
         raise NoRoute(f"no route for {req.method.decode()} {req.path.decode(errors='replace')}")

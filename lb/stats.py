@@ -37,10 +37,14 @@ class Histogram:
 class PoolStats:
     """What clients of one pool saw: answers by status class and time to answer them."""
 
-    __slots__ = ("client_disconnects", "duration", "responses_by_class")
+    __slots__ = ("client_disconnects", "duration", "responses_by_class", "retries")
 
     def __init__(self) -> None:
         # index 1..5 for 1xx..5xx; index 0 for requests that got no response (client gone)
         self.responses_by_class = [0] * 6
         self.duration = Histogram()
         self.client_disconnects = 0
+        self.retries: dict[str, int] = {}  # by reason: connect_error, reset, timeout, a status
+
+    def count_retry(self, reason: str) -> None:
+        self.retries[reason] = self.retries.get(reason, 0) + 1

@@ -51,7 +51,9 @@ class TestBackend:
     name: str
     runner: web.AppRunner
     port: int
-    hits: int = 0
+    hits: int = 0  # requests other than health probes
+    probes: int = 0  # GET /health from the proxy's health checker
+    healthy: bool = True  # what /health answers (200 or 503)
     active: int = 0
     aborted: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -127,6 +129,11 @@ def _make_app(state: dict[str, TestBackend]) -> web.Application:
         code = int(request.match_info["code"])
         return web.json_response({"status": code}, status=code)
 
+    async def health(request: web.Request) -> web.Response:
+        b = me(request)
+        b.probes += 1
+        return web.json_response({"ok": b.healthy}, status=200 if b.healthy else 503)
+
     async def hang(request: web.Request) -> web.Response:
         me(request).hits += 1
         await asyncio.sleep(3600)
@@ -136,6 +143,7 @@ def _make_app(state: dict[str, TestBackend]) -> web.Application:
     app.router.add_get("/stream", stream)
     app.router.add_get("/drop", drop)
     app.router.add_get("/hang", hang)
+    app.router.add_get("/health", health)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app

@@ -229,7 +229,7 @@ def test_unknown_nested_key_is_reported_at_its_path(tmp_path: Path) -> None:
     """A misspelt key inside a backend is reported with its full key path."""
     error = load_error(tmp_path, ONE_POOL + "        wieght: 2\n")
     assert error.key == "pools[0].backends[0].wieght"
-    assert "unknown key 'wieght' (allowed: url, weight, name)" in str(error)
+    assert "unknown key 'wieght' (allowed: url, weight, max_concurrency, name)" in str(error)
 
 
 def test_wrong_type_is_reported_with_the_value_given(tmp_path: Path) -> None:

@@ -92,8 +92,8 @@ class LatencyWeighted(Strategy):
             b = candidates[j]
         now = self.clock()
         decay_s = self.decay_s
-        cost_a = a.rtt_at(now, decay_s) * (a.in_flight + 1) / a.weight
-        cost_b = b.rtt_at(now, decay_s) * (b.in_flight + 1) / b.weight
+        cost_a = a.rtt_at(now, decay_s) * (a.in_flight + 1) / a.effective_weight
+        cost_b = b.rtt_at(now, decay_s) * (b.in_flight + 1) / b.effective_weight
         if cost_a < cost_b:
             return a
         if cost_b < cost_a:

@@ -60,11 +60,11 @@ class LeastConnections(Strategy):
         it = iter(candidates)
         best = next(it)
         best_load = best.in_flight + 1
-        best_weight = best.weight
+        best_weight = best.effective_weight
         ties = 1
         for backend in it:
             load = backend.in_flight + 1
-            weight = backend.weight
+            weight = backend.effective_weight
             # load / weight  vs  best_load / best_weight, cross-multiplied (weights are > 0).
             mine = load * best_weight
             theirs = best_load * weight

@@ -14,7 +14,8 @@ give ``B A B B A B ...``, never ``A A`` or ``B B B``. Candidates left out of a p
 or already tried for this request) neither gain nor pay, exactly as nginx skips failed peers,
 so the rotation resumes where it was when they return.
 
-Unlike nginx there is no ``effective_weight`` that shrinks on errors: failures are handled by
+Unlike nginx, the weight does not shrink on errors (``Backend.effective_weight`` only ramps up
+during slow start): failures are handled by
 health checking and retries, outside the strategy.
 """
 
@@ -30,7 +31,9 @@ from lb.strategies.base import Clock, RequestInfo, Strategy
 
 
 class RoundRobin(Strategy):
-    """Smooth weighted round robin over the candidates, by ``Backend.weight``.
+    """Smooth weighted round robin over the candidates, by ``Backend.effective_weight``.
+
+    The effective weight is the configured weight, ramped up during slow start.
 
     Takes no options. Keeps one current weight per backend of the pool; ``pick`` requires the
     candidates to come from the pool it was built with (a ``KeyError`` otherwise).
@@ -49,7 +52,7 @@ class RoundRobin(Strategy):
     ) -> None:
         super().__init__(backends, rng=rng, clock=clock, options=options)
         # nginx's `current_weight`, keyed by backend (identity-hashed: Backend has eq=False).
-        self._current: dict[Backend, int] = dict.fromkeys(self.backends, 0)
+        self._current: dict[Backend, float] = dict.fromkeys(self.backends, 0.0)
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         if len(candidates) == 1:
@@ -58,11 +61,11 @@ class RoundRobin(Strategy):
         current = self._current
         it = iter(candidates)
         best = next(it)
-        total = best.weight
+        total = best.effective_weight
         best_current = current[best] + total
         current[best] = best_current
         for backend in it:
-            weight = backend.weight
+            weight = backend.effective_weight
             total += weight
             value = current[backend] + weight
             current[backend] = value

@@ -1,0 +1,90 @@
+"""Admission control: the bounded first-come-first-served queue in front of a full pool.
+
+When every candidate backend holds ``max_concurrency`` requests, a request waits here until
+an attempt somewhere in the pool ends (``wake_one``), for at most ``queue_timeout_s``. A full
+queue, or a wait that runs out, is answered with the configured status and ``Retry-After``.
+A client that disconnects while queued is cancelled out of the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from lb.errors import ProxyError
+
+
+class Rejected(ProxyError):
+    """The pool is saturated: the queue is full or the wait expired."""
+
+    type = "overloaded"
+
+    def __init__(self, message: str, *, status: int, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = [b"retry-after: %d\r\n" % retry_after_s]
+
+
+class AdmissionQueue:
+    """FIFO of requests waiting for a free slot in one pool."""
+
+    def __init__(
+        self, *, max_queue: int, timeout_s: float, reject_status: int, retry_after_s: int
+    ) -> None:
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.reject_status = reject_status
+        self.retry_after_s = retry_after_s
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.rejected_full = 0
+        self.rejected_timeout = 0
+        self.admitted = 0
+        self.wait_total_s = 0.0
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def _reject(self, message: str) -> Rejected:
+        return Rejected(message, status=self.reject_status, retry_after_s=self.retry_after_s)
+
+    async def wait(self, *, front: bool = False) -> None:
+        """Wait for a turn; raises :class:`Rejected` if the queue is full or the wait expires.
+
+        ``front`` puts the request first in line: one that was woken but found its slot gone.
+        """
+        if not front and len(self._waiters) >= self.max_queue:
+            self.rejected_full += 1
+            raise self._reject(f"all backends are busy and the queue is full ({self.max_queue})")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if front:
+            self._waiters.appendleft(fut)
+        else:
+            self._waiters.append(fut)
+        started = loop.time()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await fut
+        except TimeoutError:
+            self.rejected_timeout += 1
+            raise self._reject(
+                f"all backends stayed busy for {self.timeout_s:g}s (queue timeout)"
+            ) from None
+        finally:
+            self.wait_total_s += loop.time() - started
+            if not fut.done():
+                fut.cancel()
+            try:
+                self._waiters.remove(fut)
+            except ValueError:
+                pass
+        self.admitted += 1
+
+    def wake_one(self) -> None:
+        """Give the turn to the longest waiter, if any."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
