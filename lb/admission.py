@@ -12,6 +12,7 @@ import asyncio
 from collections import deque
 
 from lb.errors import ProxyError
+from lb.stats import Histogram
 
 
 class Rejected(ProxyError):
@@ -39,7 +40,7 @@ class AdmissionQueue:
         self.rejected_full = 0
         self.rejected_timeout = 0
         self.admitted = 0
-        self.wait_total_s = 0.0
+        self.waits = Histogram()  # seconds each queued request waited, admitted or not
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -71,7 +72,7 @@ class AdmissionQueue:
                 f"all backends stayed busy for {self.timeout_s:g}s (queue timeout)"
             ) from None
         finally:
-            self.wait_total_s += loop.time() - started
+            self.waits.observe(loop.time() - started)
             if not fut.done():
                 fut.cancel()
             try:

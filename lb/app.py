@@ -27,7 +27,7 @@ from lb.build import (
 from lb.config import Config, ConfigError, host_port, load_config
 from lb.downstream import ClientConnection
 from lb.health import HealthChecker
-from lb.metrics import ProxyCollector, make_registry
+from lb.metrics import ProxyCollector, ReloadStats, make_registry
 from lb.pool import Pool
 from lb.proxy import Proxy
 
@@ -56,9 +56,7 @@ class App:
         self._server: asyncio.AbstractServer | None = None
         self._admin: web.AppRunner | None = None
         self.health_checkers: dict[str, HealthChecker] = {}
-        self.reloads_attempted = 0
-        self.reloads_failed = 0
-        self.last_reload_epoch_s = time.time()
+        self.reloads = ReloadStats(last_success_epoch_s=time.time())
         self._stopping = False
         self._stopped = asyncio.Event()
         self._grace_cut = asyncio.Event()
@@ -82,7 +80,12 @@ class App:
         self.port = self._server.sockets[0].getsockname()[1]
         if config.admin.enabled:
             registry = make_registry(
-                ProxyCollector(lambda: proxy.pools, lambda: len(proxy.connections))
+                ProxyCollector(
+                    lambda: proxy.pools,
+                    lambda: len(proxy.connections),
+                    health=lambda: self.health_checkers,
+                    reloads=lambda: self.reloads,
+                )
             )
             self._admin = web.AppRunner(
                 make_admin_app(registry, lambda: not proxy.draining), access_log=None
@@ -114,14 +117,13 @@ class App:
         """
         proxy = self.proxy
         assert proxy is not None
-        self.reloads_attempted += 1
         try:
             config = load_config(self.source)
             check_listeners_unchanged(self.config, config, self.source)
             pools = build_pools(config, self.source, previous=proxy.pools)
             router = build_router(config, pools)
         except ConfigError as exc:
-            self.reloads_failed += 1
+            self.reloads.failed += 1
             for line in str(exc).splitlines():
                 log.error("reload refused, keeping the running config: %s", line)
             return False
@@ -131,7 +133,8 @@ class App:
         self.health_checkers = {}
         self._start_health_checks(config, pools)
         self.config = config
-        self.last_reload_epoch_s = time.time()
+        self.reloads.succeeded += 1
+        self.reloads.last_success_epoch_s = time.time()
         for checker in old_checkers.values():
             await checker.stop()
         log.info(

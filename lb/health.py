@@ -159,6 +159,10 @@ class HealthChecker:
         """The rise/fall state of ``backend``; ``KeyError`` if it is not one of this checker's."""
         return self._states[backend]
 
+    def has(self, backend: Backend) -> bool:
+        """True if ``backend`` is one this checker probes."""
+        return backend in self._states
+
     def stats(self, backend: Backend) -> ProbeStats:
         """The probe counters of ``backend``; ``KeyError`` if it is not one of this checker's."""
         return self._stats[backend]

@@ -8,6 +8,7 @@ what a dashboard shows is what the balancer used.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -19,10 +20,20 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from lb import __version__
+from lb.health import HealthChecker
 from lb.pool import Pool
 from lb.stats import Histogram
 
 CODE_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+@dataclass(slots=True)
+class ReloadStats:
+    """Configuration reloads, as the app counts them."""
+
+    succeeded: int = 0
+    failed: int = 0
+    last_success_epoch_s: float = 0.0
 
 
 def _histogram_buckets(h: Histogram) -> list[tuple[str, float]]:
@@ -36,14 +47,80 @@ def _histogram_buckets(h: Histogram) -> list[tuple[str, float]]:
     return out
 
 
+class _Resilience:
+    """Metric families of health, ejection, retries and admission, filled per scrape."""
+
+    def __init__(self) -> None:
+        pb = ["pool", "backend"]
+        self.available = GaugeMetricFamily(
+            "lb_backend_available",
+            "1 if the backend may take new requests (healthy, not drained, ejected or held).",
+            labels=pb,
+        )
+        self.ejected = GaugeMetricFamily(
+            "lb_backend_ejected", "1 while the backend is ejected by outlier detection.",
+            labels=pb,
+        )  # fmt: skip
+        self.drained = GaugeMetricFamily(
+            "lb_backend_drained", "1 while an operator has drained the backend.", labels=pb
+        )
+        self.ejections = CounterMetricFamily(
+            "lb_ejections", "Outlier ejections of each backend.", labels=pb
+        )
+        self.effective_weight = GaugeMetricFamily(
+            "lb_backend_effective_weight",
+            "Weight the strategies use: the configured weight, ramped during slow start.",
+            labels=pb,
+        )
+        self.checks = CounterMetricFamily(
+            "lb_health_checks", "Active health probes by result.",
+            labels=["pool", "backend", "result"],
+        )  # fmt: skip
+        self.check_duration = GaugeMetricFamily(
+            "lb_health_check_duration_seconds", "Duration of the last health probe.", labels=pb
+        )
+        self.retries = CounterMetricFamily(
+            "lb_retries", "Retries by reason (connect_error, reset, timeout, or a status).",
+            labels=["pool", "reason"],
+        )  # fmt: skip
+        self.panic = GaugeMetricFamily(
+            "lb_pool_panic", "1 while the pool balances over all backends (panic mode).",
+            labels=["pool"],
+        )  # fmt: skip
+        self.queue_depth = GaugeMetricFamily(
+            "lb_queue_depth", "Requests waiting for a free backend slot.", labels=["pool"]
+        )
+        self.queue_wait = HistogramMetricFamily(
+            "lb_queue_wait_seconds", "Time requests waited in the admission queue.",
+            labels=["pool"],
+        )  # fmt: skip
+        self.rejected = CounterMetricFamily(
+            "lb_admission_rejected", "Requests refused by admission control.",
+            labels=["pool", "reason"],
+        )  # fmt: skip
+
+    def families(self) -> list[Metric]:
+        return [
+            self.available, self.ejected, self.drained, self.ejections, self.effective_weight,
+            self.checks, self.check_duration, self.retries, self.panic, self.queue_depth,
+            self.queue_wait, self.rejected,
+        ]  # fmt: skip
+
+
 class ProxyCollector(Collector):
     """Collects from whatever pools ``pools()`` returns at scrape time."""
 
     def __init__(
-        self, pools: Callable[[], Mapping[str, Pool]], client_connections: Callable[[], int]
+        self,
+        pools: Callable[[], Mapping[str, Pool]],
+        client_connections: Callable[[], int],
+        health: Callable[[], Mapping[str, HealthChecker]] = dict,
+        reloads: Callable[[], ReloadStats] | None = None,
     ) -> None:
         self._pools = pools
         self._client_connections = client_connections
+        self._health = health
+        self._reloads = reloads
 
     def collect(self) -> Iterable[Metric]:
         pools = self._pools()
@@ -89,7 +166,9 @@ class ProxyCollector(Collector):
             "lb_upstream_idle_connections", "Pooled keep-alive connections to each backend.",
             labels=["pool", "backend"],
         )  # fmt: skip
+        resilience = self._resilience_families()
         for name, pool in pools.items():
+            self._collect_resilience(name, pool, resilience)
             stats = pool.stats
             for cls, count in zip(CODE_CLASSES, stats.responses_by_class, strict=True):
                 requests.add_metric([name, cls], count)
@@ -115,6 +194,54 @@ class ProxyCollector(Collector):
             requests, duration, disconnects, responses, in_flight, rtt, healthy, weight,
             connects, idle, clients, info,
         )  # fmt: skip
+        yield from resilience.families()
+        yield from self._reload_families()
+
+    def _resilience_families(self) -> _Resilience:
+        return _Resilience()
+
+    def _collect_resilience(self, name: str, pool: Pool, f: _Resilience) -> None:
+        now = pool.clock()
+        checker = self._health().get(name)
+        for b in pool.backends:
+            labels = [name, b.name]
+            f.available.add_metric(labels, 1.0 if b.available else 0.0)
+            f.ejected.add_metric(labels, 1.0 if b.ejected_until_s > now else 0.0)
+            f.drained.add_metric(labels, 1.0 if b.drained else 0.0)
+            f.ejections.add_metric(labels, b.ejections_total)
+            f.effective_weight.add_metric(labels, b.effective_weight)
+            if checker is not None and checker.has(b):
+                probe = checker.stats(b)
+                f.checks.add_metric([*labels, "pass"], probe.passed_total)
+                f.checks.add_metric([*labels, "fail"], probe.failed_total)
+                f.check_duration.add_metric(labels, probe.last_duration_s)
+        for reason, count in sorted(pool.stats.retries.items()):
+            f.retries.add_metric([name, reason], count)
+        f.panic.add_metric([name], 1.0 if pool.panicking else 0.0)
+        queue = pool.queue
+        if queue is not None:
+            f.queue_depth.add_metric([name], len(queue))
+            h = queue.waits
+            f.queue_wait.add_metric([name], _histogram_buckets(h), h.sum)
+            f.rejected.add_metric([name, "queue_full"], queue.rejected_full)
+            f.rejected.add_metric([name, "queue_timeout"], queue.rejected_timeout)
+
+    def _reload_families(self) -> Iterable[Metric]:
+        if self._reloads is None:
+            return
+        r = self._reloads()
+        reloads = CounterMetricFamily(
+            "lb_config_reloads", "Configuration reloads by result.", labels=["result"]
+        )
+        reloads.add_metric(["success"], r.succeeded)
+        reloads.add_metric(["failure"], r.failed)
+        yield reloads
+        last = GaugeMetricFamily(
+            "lb_config_last_reload_success_timestamp_seconds",
+            "When the running configuration was loaded (Unix time).",
+        )
+        last.add_metric([], r.last_success_epoch_s)
+        yield last
 
 
 def make_registry(collector: ProxyCollector) -> CollectorRegistry:

@@ -111,7 +111,12 @@ class Proxy:
                 pool.budget.retries += 1
             try:
                 error = await self._attempt(
-                    client, req, pool, backend, policy, policy.statuses if may_retry else NO_STATUSES
+                    client,
+                    req,
+                    pool,
+                    backend,
+                    policy,
+                    policy.statuses if may_retry else NO_STATUSES,
                 )
             finally:
                 if retries:
