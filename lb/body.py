@@ -63,6 +63,11 @@ class RequestBody:
         self._holding = False
 
     @property
+    def sent_any(self) -> bool:
+        """True once any body byte has been written to a backend."""
+        return self._sent_any
+
+    @property
     def can_replay(self) -> bool:
         """True while every byte received so far is still held for another attempt."""
         return self.replayable or not self._sent_any

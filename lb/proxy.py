@@ -101,30 +101,33 @@ class Proxy:
         while True:
             backend = await self._choose(pool, tried, info)
             tried.append(backend)
-            may_retry = (
+            # A retried status is read and dropped, so it is only swallowed when a retry is
+            # sure to be allowed; other failures are judged once they happen.
+            swallow = (
                 retries < policy.max_retries
-                and req.body.can_replay
-                and req.body.size <= policy.replay_max_bytes
+                and self._replayable(req, policy)
                 and pool.budget.allows(policy)
             )
             if retries:
                 pool.budget.retries += 1
+            statuses = policy.statuses if swallow else NO_STATUSES
             try:
-                error = await self._attempt(
-                    client,
-                    req,
-                    pool,
-                    backend,
-                    policy,
-                    policy.statuses if may_retry else NO_STATUSES,
-                )
+                error = await self._attempt(client, req, pool, backend, policy, statuses)
             finally:
                 if retries:
                     pool.budget.retries -= 1
             if error is None:
                 return
-            retryable = isinstance(error, UpstreamStatus) or policy.retries_error(error)
-            if req.response_started or not may_retry or not retryable:
+            if isinstance(error, UpstreamStatus):
+                retryable = True
+            else:
+                retryable = (
+                    policy.retries_error(error)
+                    and retries < policy.max_retries
+                    and self._replayable(req, policy)
+                    and pool.budget.allows(policy)
+                )
+            if req.response_started or not retryable:
                 raise error
             if deadline is not None and loop.time() >= deadline:
                 raise error
@@ -140,6 +143,12 @@ class Proxy:
                 delay = min(delay, max(deadline - loop.time(), 0.0))
             if delay > 0:
                 await asyncio.sleep(delay)
+
+    @staticmethod
+    def _replayable(req: IncomingRequest, policy: RetryPolicy) -> bool:
+        """True if the request body can be sent again under ``policy``."""
+        body = req.body
+        return body.can_replay and (not body.sent_any or body.size <= policy.replay_max_bytes)
 
     async def _choose(self, pool: Pool, tried: list[Backend], info: RequestInfo) -> Backend:
         """A backend for the next attempt: an untried one if any, else any eligible one;
