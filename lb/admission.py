@@ -67,10 +67,16 @@ class AdmissionQueue:
             async with asyncio.timeout(self.timeout_s):
                 await fut
         except TimeoutError:
-            self.rejected_timeout += 1
-            raise self._reject(
-                f"all backends stayed busy for {self.timeout_s:g}s (queue timeout)"
-            ) from None
+            if not (fut.done() and not fut.cancelled()):
+                self.rejected_timeout += 1
+                raise self._reject(
+                    f"all backends stayed busy for {self.timeout_s:g}s (queue timeout)"
+                ) from None
+            # woken in the same turn the wait ran out: take the turn
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.wake_one()  # woken, but leaving anyway (client gone): pass the turn on
+            raise
         finally:
             self.waits.observe(loop.time() - started)
             if not fut.done():

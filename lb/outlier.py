@@ -25,14 +25,15 @@ class OutlierDetector:
         self.failure_statuses = frozenset(config.failure_statuses)
         self.base_s = config.base_ejection_s
         self.max_s = config.max_ejection_s
-        self.max_fraction = config.max_ejection_percent / 100.0
+        self.max_percent = config.max_ejection_percent
         self._streak: dict[Backend, int] = {}
 
     def max_ejected(self, pool_size: int) -> int:
         """How many backends of a pool of ``pool_size`` may be ejected at once."""
         if pool_size < 2:
             return 0
-        return max(1, math.floor(pool_size * self.max_fraction))
+        # Multiply before dividing: 0.29 * 100 is 28.999999999999996 in floats.
+        return max(1, math.floor(pool_size * self.max_percent / 100.0))
 
     def is_failure_status(self, status: int) -> bool:
         return status in self.failure_statuses

@@ -183,8 +183,11 @@ class Pool:
         self.refresh()
 
     def health_probe_passed(self, backend: Backend) -> None:
-        if backend.ejected_until_s > self.clock():
-            backend.ejected_until_s = 0.0  # a passing active check ends an ejection early
+        now = self.clock()
+        if backend.ejected_until_s > now:
+            # A passing active check ends an ejection early; the ejection still counts in the
+            # backend's streak, so the next one lasts longer if real traffic keeps failing.
+            backend.ejected_until_s = now
             log.info("pool=%s backend=%s back from ejection: health check passed",
                      self.name, backend.name)  # fmt: skip
             self.refresh()

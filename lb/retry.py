@@ -53,7 +53,7 @@ class RetryPolicy:
     backoff_base_s: float = 0.025
     backoff_max_s: float = 0.5
     retry_after_max_s: float = 30.0
-    budget_ratio: float = 0.2
+    budget_percent: float = 20.0
     budget_min: int = 3
     replay_max_bytes: int = 1 << 20
 
@@ -68,7 +68,7 @@ class RetryPolicy:
             backoff_base_s=retry.backoff_base_s,
             backoff_max_s=retry.backoff_max_s,
             retry_after_max_s=retry.retry_after_max_s,
-            budget_ratio=retry.budget_percent / 100.0,
+            budget_percent=retry.budget_percent,
             budget_min=retry.budget_min_concurrent,
             replay_max_bytes=retry.replay_max_bytes,
         )
@@ -95,14 +95,20 @@ class RetryBudget:
 
     def allows(self, policy: RetryPolicy) -> bool:
         """True if one more retry may start now."""
-        return self.retries < max(policy.budget_min, policy.budget_ratio * self.requests)
+        retries = self.retries
+        # Compared in percent, not as a ratio: 0.07 * 100 is 7.000000000000001 in floats.
+        return retries < policy.budget_min or retries * 100 < policy.budget_percent * self.requests
+
+
+# A Retry-After beyond this (a day) is treated as this; the policy caps it further.
+MAX_RETRY_AFTER_S = 86_400
 
 
 def parse_retry_after(value: bytes, now_epoch_s: float) -> float | None:
     """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date), or ``None``."""
     text = value.strip().decode("latin-1")
-    if text.isdigit():
-        return float(text)
+    if text.isascii() and text.isdigit():
+        return float(min(int(text), MAX_RETRY_AFTER_S))
     from email.utils import parsedate_to_datetime
 
     try:
