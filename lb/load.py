@@ -9,9 +9,10 @@ Latency is a peak-EWMA of the time to response headers (tower's ``load::peak_ewm
 Finagle's ``PeakEwma``): a sample above the estimate replaces it at once, a sample below it is
 blended in with weight ``1 - exp(-elapsed / decay_s)``. The estimate it is blended with is the
 current one as :meth:`lb.backend.Backend.rtt_at` gives it, already relaxed towards the default
-guess during the time without samples, so an idle backend's old estimate weighs less. A failed attempt is recorded as a slow
-one (at least twice the current estimate), so a backend that fails fast (an immediate 503 or
-429, a refused connection) looks loaded rather than fast to latency-aware strategies.
+guess during the time without samples, so an idle backend's old estimate weighs less. A failed
+attempt is recorded as a slow one (at least twice the current estimate), so a backend that
+fails fast (an immediate 503 or 429, a refused connection) looks loaded rather than fast to
+latency-aware strategies.
 """
 
 from __future__ import annotations
