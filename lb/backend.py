@@ -53,6 +53,10 @@ class Backend:
     requests_total: int = 0
     failures_total: int = 0
     consecutive_failures: int = 0
+    # Recent failures as phantom load, decaying with decay_s: a backend that fails fast holds
+    # few requests in flight, and must not look idle to least_connections because of it.
+    failure_score: float = 0.0
+    failure_stamp_s: float = 0.0
     # Responses by status class: index 1..5 for 1xx..5xx, index 0 for "no response".
     responses_by_class: list[int] = field(default_factory=lambda: [0] * 6)
 
@@ -92,6 +96,13 @@ class Backend:
         """True unless the backend holds ``max_concurrency`` requests already."""
         limit = self.max_concurrency
         return limit is None or self.in_flight < limit
+
+    def failure_score_at(self, now_s: float, decay_s: float = DEFAULT_DECAY_S) -> float:
+        """Recent failures, each weighing 1 when it happened and decaying with ``decay_s``."""
+        score = self.failure_score
+        if score == 0.0:
+            return 0.0
+        return score * math.exp(-max(now_s - self.failure_stamp_s, 0.0) / decay_s)
 
     def rtt_at(self, now_s: float, decay_s: float = DEFAULT_DECAY_S) -> float:
         """The latency estimate as of ``now_s``, decayed towards the default guess.

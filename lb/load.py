@@ -12,7 +12,8 @@ current one as :meth:`lb.backend.Backend.rtt_at` gives it, already relaxed towar
 guess during the time without samples, so an idle backend's old estimate weighs less. A failed
 attempt is recorded as a slow one (at least twice the current estimate), so a backend that
 fails fast (an immediate 503 or 429, a refused connection) looks loaded rather than fast to
-latency-aware strategies.
+latency-aware strategies. Failures are also kept as a decaying ``failure_score`` that
+``least_connections`` counts as phantom in-flight requests, for the same reason.
 """
 
 from __future__ import annotations
@@ -105,12 +106,18 @@ class Attempt:
             backend.failures_total += 1
             backend.consecutive_failures += 1
             now = self._clock()
+            backend.failure_score = backend.failure_score_at(now, self._decay_s) + 1.0
+            backend.failure_stamp_s = now
             penalty = max(
                 now - self._started_s, 2.0 * backend.rtt_at(now, self._decay_s), FAILURE_FLOOR_S
             )
             record_rtt(backend, penalty, now, self._decay_s)
         else:
             backend.consecutive_failures = 0
+            if backend.failure_score:
+                now = self._clock()
+                backend.failure_score = backend.failure_score_at(now, self._decay_s) / 2.0
+                backend.failure_stamp_s = now
 
     def __enter__(self) -> Attempt:
         return self

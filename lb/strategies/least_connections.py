@@ -3,11 +3,16 @@
 Each candidate is scored by the load it would carry *after* taking this request, per unit of
 weight, and the lowest score wins:
 
-    score = (in_flight + 1) / weight
+    score = (in_flight + 1 + recent_failures) / weight
+
+``recent_failures`` is ``Backend.failure_score_at(now)``: each failed attempt adds 1, decaying
+with the pool's ``decay_s`` (and halved by a success). A backend that fails fast (an immediate
+503 or 429) holds almost nothing in flight and would otherwise look the least loaded of all;
+its failures count as phantom requests instead, and fade so it is tried again once quiet.
 
 Ties are broken uniformly at random. The scan is a full O(n) pass (pools of model servers are
-small); scores are compared cross-multiplied, ``(i_a + 1) * w_b < (i_b + 1) * w_a``, so they stay
-exact integers and ties are detected exactly.
+small); scores are compared cross-multiplied, ``(i_a + 1) * w_b < (i_b + 1) * w_a``, so ties
+are detected exactly while no backend has recent failures.
 
 Why ``+ 1``. Without it every idle backend scores 0 whatever its weight, so weight would only
 start to matter once requests pile up. With it:
@@ -37,33 +42,55 @@ written by :class:`lb.load.Attempt`): what you see is what it used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
-from lb.backend import Backend
-from lb.strategies.base import RequestInfo, Strategy
+from lb.backend import DEFAULT_DECAY_S, Backend
+from lb.strategies.base import Clock, RequestInfo, Strategy
 
 
 class LeastConnections(Strategy):
-    """Pick the candidate with the lowest ``(in_flight + 1) / weight``; ties at random.
+    """Pick the candidate with the lowest ``(in_flight + 1 + recent_failures) / weight``.
 
-    Takes no options. Uses ``self.rng`` only to break ties.
+    Ties are broken at random with ``self.rng``. Option ``decay_s`` (default
+    ``lb.backend.DEFAULT_DECAY_S``): how fast recent failures fade.
     """
 
     name: ClassVar[str] = "least_connections"
-    options_allowed: ClassVar[frozenset[str]] = frozenset()
+    options_allowed: ClassVar[frozenset[str]] = frozenset({"decay_s"})
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        *,
+        rng: random.Random | None = None,
+        clock: Clock = time.monotonic,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(backends, rng=rng, clock=clock, options=options)
+        self.decay_s = float(self.options.get("decay_s", DEFAULT_DECAY_S))
+        if not self.decay_s > 0:
+            raise ValueError("option 'decay_s' of strategy 'least_connections' must be > 0")
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         if len(candidates) == 1:
             return candidates[0]
         random = self.rng.random
+        now = self.clock()
+        decay_s = self.decay_s
         it = iter(candidates)
         best = next(it)
-        best_load = best.in_flight + 1
+        best_load = best.in_flight + 1.0
+        if best.failure_score:
+            best_load += best.failure_score_at(now, decay_s)
         best_weight = best.effective_weight
         ties = 1
         for backend in it:
-            load = backend.in_flight + 1
+            load = backend.in_flight + 1.0
+            if backend.failure_score:
+                load += backend.failure_score_at(now, decay_s)
             weight = backend.effective_weight
             # load / weight  vs  best_load / best_weight, cross-multiplied (weights are > 0).
             mine = load * best_weight

@@ -6,6 +6,7 @@ import random
 from collections import Counter
 
 from lb.backend import Backend
+from lb.load import Attempt
 from lb.strategies import LeastConnections, RequestInfo
 
 REQUEST = RequestInfo(method="POST", path="/v1/chat/completions")
@@ -89,3 +90,19 @@ def test_lone_candidate_is_returned() -> None:
     _a, b = backends = make_backends(1, 1)
     b.in_flight = 100
     assert make_strategy(backends).pick([b], REQUEST) is b
+
+
+def test_a_backend_failing_fast_is_not_preferred_and_is_tried_again_once_quiet() -> None:
+    """Fast 503s count as phantom load, so the failing backend loses; the penalty then fades."""
+    now = [100.0]
+    failing, good = backends = make_backends(1, 1)
+    for _ in range(3):
+        attempt = Attempt(failing, clock=lambda: now[0])
+        attempt.response_started(503)
+        attempt.finish()
+    strategy = LeastConnections(backends, rng=random.Random(1234), clock=lambda: now[0])
+    assert failing.in_flight == 0
+    assert {strategy.pick(backends, REQUEST) for _ in range(200)} == {good}
+    now[0] += 120.0  # twelve decay periods without a failure
+    picks = Counter(strategy.pick(backends, REQUEST) for _ in range(2000))
+    assert picks[failing] > 800
