@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 # Peak-EWMA defaults (tower's `load::peak_ewma`, Finagle's `PeakEwma`): the estimate decays
 # towards new samples with time constant `decay_s`, but jumps up to any sample above it at once.
 DEFAULT_DECAY_S = 10.0
+# Below this, a decayed failure score counts as no failure at all.
+FAILURE_SCORE_FLOOR = 0.01
 # Estimate for a backend that has never answered: a modest guess, so new backends get tried.
 DEFAULT_RTT_S = 0.030
 
@@ -102,7 +104,9 @@ class Backend:
         score = self.failure_score
         if score == 0.0:
             return 0.0
-        return score * math.exp(-max(now_s - self.failure_stamp_s, 0.0) / decay_s)
+        score *= math.exp(-max(now_s - self.failure_stamp_s, 0.0) / decay_s)
+        # A faded remainder is dropped, so an idle backend ties its peers again exactly.
+        return score if score >= FAILURE_SCORE_FLOOR else 0.0
 
     def rtt_at(self, now_s: float, decay_s: float = DEFAULT_DECAY_S) -> float:
         """The latency estimate as of ``now_s``, decayed towards the default guess.
