@@ -1,17 +1,27 @@
-"""The admin listener (aiohttp): ``/metrics``, ``/healthz`` and ``/readyz``.
+"""The admin listener (aiohttp): metrics, probes, the admin API, the dashboard, the API spec.
 
-It runs on its own port, in the same event loop as the data plane, and only reads state.
+It runs on its own port, in the same event loop as the data plane.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from importlib import resources
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from lb.admin_api import Control, add_routes
+from lb.openapi import spec
+
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 READY_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+
+STATIC_TYPES = {
+    "dashboard.html": "text/html",
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -31,11 +41,37 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "draining"}, status=503)
 
 
-def make_admin_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Application:
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(spec())
+
+
+def _static(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def serve(request: web.Request) -> web.Response:
+        try:
+            body = resources.files("lb.static").joinpath(name).read_bytes()
+        except FileNotFoundError:
+            raise web.HTTPNotFound() from None
+        return web.Response(
+            body=body,
+            content_type=STATIC_TYPES[name],
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    return serve
+
+
+def make_admin_app(
+    registry: CollectorRegistry, ready: Callable[[], bool], control: Control
+) -> web.Application:
     app = web.Application()
     app[REGISTRY_KEY] = registry
     app[READY_KEY] = ready
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/dashboard", _static("dashboard.html"))
+    app.router.add_get("/dashboard/dashboard.js", _static("dashboard.js"))
+    app.router.add_get("/dashboard/dashboard.css", _static("dashboard.css"))
+    add_routes(app, control)
     return app

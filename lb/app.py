@@ -8,14 +8,15 @@ is left is cut. The process then exits 0. A second signal cuts the grace period 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
-import sys
 import time
 
 from aiohttp import web
 
+from lb.access_log import AccessLogger
 from lb.admin import make_admin_app
 from lb.build import (
     build_pools,
@@ -24,9 +25,10 @@ from lb.build import (
     listener_limits,
     retire_pools,
 )
-from lb.config import Config, ConfigError, host_port, load_config
+from lb.config import Config, ConfigError, admin_token, host_port, load_config
 from lb.downstream import ClientConnection
 from lb.health import HealthChecker
+from lb.logs import setup_logging
 from lb.metrics import ProxyCollector, ReloadStats, make_registry
 from lb.pool import Pool
 from lb.proxy import Proxy
@@ -57,6 +59,7 @@ class App:
         self._admin: web.AppRunner | None = None
         self.health_checkers: dict[str, HealthChecker] = {}
         self.reloads = ReloadStats(last_success_epoch_s=time.time())
+        self.started_epoch_s = time.time()
         self._stopping = False
         self._stopped = asyncio.Event()
         self._grace_cut = asyncio.Event()
@@ -66,7 +69,12 @@ class App:
         config = self.config
         pools = build_pools(config, self.source)
         limits = listener_limits(config)
-        proxy = Proxy(build_router(config, pools), pools, limits, forwarding_settings(config))
+        access_log = AccessLogger(
+            enabled=config.access_log.enabled, sample_rate=config.access_log.sample_rate
+        )
+        proxy = Proxy(
+            build_router(config, pools), pools, limits, forwarding_settings(config), access_log
+        )
         self.proxy = proxy
         self._start_health_checks(config, pools)
         loop = asyncio.get_running_loop()
@@ -88,7 +96,7 @@ class App:
                 )
             )
             self._admin = web.AppRunner(
-                make_admin_app(registry, lambda: not proxy.draining), access_log=None
+                make_admin_app(registry, lambda: not proxy.draining, self), access_log=None
             )
             await self._admin.setup()
             site = web.TCPSite(self._admin, config.admin.host, config.admin.port)
@@ -101,6 +109,10 @@ class App:
             if config.admin.enabled
             else "(disabled)",
         )
+
+    def admin_token(self) -> str | None:
+        """The bearer token admin calls that change something must carry (None: open)."""
+        return admin_token(self.config)
 
     def _start_health_checks(self, config: Config, pools: dict[str, Pool]) -> None:
         for pc in config.pools:
@@ -129,6 +141,12 @@ class App:
             return False
         old_pools, old_checkers = proxy.pools, self.health_checkers
         proxy.swap(router, pools)
+        proxy.settings = forwarding_settings(config)
+        proxy.access_log.enabled = config.access_log.enabled
+        proxy.access_log.sample_rate = config.access_log.sample_rate
+        new_limits = listener_limits(config)
+        for field in dataclasses.fields(new_limits):
+            setattr(proxy.limits, field.name, getattr(new_limits, field.name))
         retire_pools(old_pools, pools)
         self.health_checkers = {}
         self._start_health_checks(config, pools)
@@ -173,6 +191,7 @@ class App:
             log.warning("grace period over: cutting %d requests", proxy.active_requests)
         for conn in list(proxy.connections):
             conn.abort()
+        proxy.access_log.flush()
         for checker in self.health_checkers.values():
             await checker.stop()
         for pool in proxy.pools.values():
@@ -223,17 +242,9 @@ async def serve(config: Config, source: str) -> int:
     return 0
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def run(config: Config, source: str) -> int:
     """Entry point used by the CLI: the event loop is uvloop's when it is installed."""
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency

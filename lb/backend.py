@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from lb.stats import Histogram
+
 # Peak-EWMA defaults (tower's `load::peak_ewma`, Finagle's `PeakEwma`): the estimate decays
 # towards new samples with time constant `decay_s`, but jumps up to any sample above it at once.
 DEFAULT_DECAY_S = 10.0
@@ -61,6 +63,7 @@ class Backend:
     failure_stamp_s: float = 0.0
     # Responses by status class: index 1..5 for 1xx..5xx, index 0 for "no response".
     responses_by_class: list[int] = field(default_factory=lambda: [0] * 6)
+    latency: Histogram = field(default_factory=Histogram)  # attempt durations, seconds
 
     @classmethod
     def from_url(

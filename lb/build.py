@@ -11,7 +11,8 @@ from collections.abc import Mapping
 
 from lb.admission import AdmissionQueue
 from lb.backend import DEFAULT_DECAY_S, Backend
-from lb.config import Config, ConfigError
+from lb.client_auth import ClientKeys
+from lb.config import Config, ConfigError, client_api_keys
 from lb.downstream import ListenerLimits
 from lb.forwarding import ForwardingSettings
 from lb.outlier import OutlierDetector
@@ -123,6 +124,9 @@ def build_router(config: Config, pools: dict[str, Pool]) -> Router:
             headers=tuple((k.encode(), v.encode()) for k, v in rc.headers.items()),
             methods=frozenset(m.encode() for m in rc.methods) if rc.methods else None,
             retry=RetryPolicy.from_config(rc.retry) if rc.retry is not None else None,
+            auth=ClientKeys(client_api_keys(rc.auth), forward_key=rc.auth.forward_key)
+            if rc.auth is not None
+            else None,
         )
         for rc in config.routes
     ]

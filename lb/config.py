@@ -27,8 +27,10 @@ from lb.config_models import (
     backend_address,
     host_port,
 )
+from lb.config_ops import LOOPBACK_HOSTS, AccessLog, ClientAuth
 
 __all__ = [
+    "AccessLog",
     "Admin",
     "BackendConfig",
     "Config",
@@ -98,8 +100,14 @@ class Config(BaseModel):
     upstream: Upstream = Field(default_factory=Upstream, description="Upstream connection pool.")
     headers: Headers = Field(default_factory=Headers, description="Headers the proxy sets.")
     shutdown: Shutdown = Field(default_factory=Shutdown, description="Graceful shutdown.")
+    access_log: AccessLog = Field(
+        default_factory=AccessLog, description="Structured access log on standard output."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Logging threshold."
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="Operational log lines on stderr: JSON objects or text."
     )
 
     @field_validator("log_level", mode="before")
@@ -113,6 +121,20 @@ class Config(BaseModel):
             return self.timeouts
         override = {name: getattr(pool.timeouts, name) for name in pool.timeouts.model_fields_set}
         return self.timeouts.model_copy(update=override)
+
+
+def admin_token(config: Config) -> str | None:
+    """The admin bearer token: ``admin.token``, else ``$LB_ADMIN_TOKEN``, else ``None``."""
+    return config.admin.token or os.environ.get("LB_ADMIN_TOKEN") or None
+
+
+def client_api_keys(auth: ClientAuth) -> frozenset[str]:
+    """Every key a route accepts: ``api_keys`` plus those in ``$api_keys_env``."""
+    keys = {k.strip() for k in auth.api_keys}
+    if auth.api_keys_env:
+        keys.update(k.strip() for k in os.environ.get(auth.api_keys_env, "").split(","))
+    keys.discard("")
+    return frozenset(keys)
 
 
 def _cross_checks(config: Config) -> list[tuple[str, str]]:
@@ -147,6 +169,19 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
             known = ", ".join(pool_names)
             problems.append((f"routes[{i}].pool", f"no pool named {route.pool!r} (pools: {known})"))
     admin, listen = config.admin, config.listen
+    if admin.enabled and admin.host not in LOOPBACK_HOSTS and not admin_token(config):
+        problems.append(
+            (
+                "admin.token",
+                f"required when the admin listener is not on loopback (admin.host is "
+                f"{admin.host!r}): set admin.token or the LB_ADMIN_TOKEN environment variable",
+            )
+        )
+    for i, route in enumerate(config.routes):
+        if route.auth is not None and not client_api_keys(route.auth):
+            problems.append(
+                (f"routes[{i}].auth", "no API keys: set api_keys or a non-empty api_keys_env")
+            )
     wildcards = ("0.0.0.0", "::")
     if (
         admin.enabled

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lb.config_ops import ClientAuth
 from lb.config_resilience import Admission, HealthCheck, OutlierDetection, Retry
 
 _Model = ConfigDict(extra="forbid", frozen=True)
@@ -33,6 +34,12 @@ class Admin(BaseModel):
     host: str = Field(default="127.0.0.1", min_length=1, description="Admin listen address.")
     port: int = Field(default=9901, ge=1, le=65535, description="Admin TCP port.")
     enabled: bool = Field(default=True, description="Whether the admin listener runs at all.")
+    token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Bearer token required by admin calls that change something (also read "
+        "from LB_ADMIN_TOKEN). Required when the admin listener is not on loopback.",
+    )
 
 
 class Timeouts(BaseModel):
@@ -256,6 +263,9 @@ class RouteConfig(BaseModel):
     )
     retry: Retry | None = Field(
         default=None, description="Overrides the pool's retry settings for this route."
+    )
+    auth: ClientAuth | None = Field(
+        default=None, description="Client API keys this route requires."
     )
 
     @field_validator("path_prefix")

@@ -56,7 +56,10 @@ class IncomingRequest:
     """A client request: its head as received, its body stream and its response state."""
 
     __slots__ = (
+        "attempts",
+        "backend_name",
         "body",
+        "bytes_out",
         "chunked",
         "content_length",
         "expect_continue",
@@ -67,7 +70,9 @@ class IncomingRequest:
         "request_id",
         "response_reusable",
         "response_started",
+        "started_s",
         "status",
+        "ttfb_s",
         "url",
         "version",
     )
@@ -87,6 +92,11 @@ class IncomingRequest:
         self.response_started = False
         self.response_reusable = False  # the response was framed so the connection can go on
         self.status = 0  # the status answered to the client, once known
+        self.started_s = 0.0  # loop time when the headers were complete
+        self.ttfb_s = -1.0  # seconds to the response head, once sent
+        self.bytes_out = 0  # response bytes written to the client
+        self.attempts = 0
+        self.backend_name: str | None = None  # the backend of the last attempt
 
     @property
     def path(self) -> bytes:
@@ -222,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
         req = self._parsing
         assert req is not None
         self._headers_done = True
+        req.started_s = self.loop.time()
         parser = self._parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()
@@ -340,7 +351,7 @@ class ClientConnection(asyncio.Protocol):
             req is not None
             and req.keep_alive
             and req.body.complete
-            and err.status in (404, 502, 503, 504)
+            and err.status in (401, 404, 429, 502, 503, 504)
             and not self.handler.draining
         )
         head = [
@@ -354,8 +365,11 @@ class ClientConnection(asyncio.Protocol):
         if not keep:
             head.append(b"connection: close\r\n")
         head.append(b"\r\n")
-        self.transport.write(b"".join(head) + body)
+        data = b"".join(head) + body
+        self.transport.write(data)
         if req is not None:
+            req.bytes_out += len(data)
+            req.ttfb_s = self.loop.time() - req.started_s
             req.response_started = True
             req.response_reusable = keep
             req.status = err.status

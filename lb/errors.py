@@ -59,21 +59,25 @@ class NotImplementedByProxy(ProxyError):
     type = "not_implemented"
 
 
-class UpstreamUnreachable(ProxyError):
+class UpstreamError(ProxyError):
+    """Base of the failures of an upstream attempt (one backend, one try)."""
+
+
+class UpstreamUnreachable(UpstreamError):
     """The backend could not be connected to (refused, unreachable, connect timeout)."""
 
     status = 502
     type = "backend_unreachable"
 
 
-class UpstreamFailed(ProxyError):
+class UpstreamFailed(UpstreamError):
     """The backend closed, reset or spoke invalid HTTP before a complete response."""
 
     status = 502
     type = "backend_error"
 
 
-class UpstreamStatus(ProxyError):
+class UpstreamStatus(UpstreamError):
     """The backend answered a status that is retried; raised when no retry could follow."""
 
     type = "backend_status"
@@ -96,7 +100,7 @@ class ShuttingDown(ProxyError):
     type = "shutting_down"
 
 
-class UpstreamTimeout(ProxyError):
+class UpstreamTimeout(UpstreamError):
     status = 504
     type = "timeout"
 

@@ -142,6 +142,7 @@ class Exchange:
         req.response_started = True
         req.response_reusable = keep
         req.status = status
+        req.ttfb_s = self.loop.time() - req.started_s
         if framing == FRAMING_NONE:
             self._chunked = False
 
@@ -189,7 +190,9 @@ class Exchange:
         out = self._out
         if out:
             if not self.client.closed:
-                self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                data = out[0] if len(out) == 1 else b"".join(out)
+                self.client.transport.write(data)
+                self.req.bytes_out += len(data)
             out.clear()
         if not self._ended and self.req.response_started and self._idle_s is not None:
             self._last_s = self.loop.time()

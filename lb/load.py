@@ -100,6 +100,7 @@ class Attempt:
         backend.in_flight -= 1
         status = self._status
         backend.responses_by_class[0 if status is None else min(status // 100, 5)] += 1
+        backend.latency.observe(self._clock() - self._started_s)
         if abandoned and not (status is not None and is_failure_status(status)):
             return  # the client went away: says nothing about the backend
         if failed or status is None or is_failure_status(status):

@@ -15,15 +15,23 @@ import logging
 import random
 import time
 
+from lb.access_log import AccessLogger
 from lb.backend import Backend
 from lb.downstream import ClientConnection, IncomingRequest, ListenerLimits
-from lb.errors import NoBackendAvailable, ProxyError, UpstreamStatus, UpstreamUnreachable
+from lb.errors import (
+    NoBackendAvailable,
+    ProxyError,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamUnreachable,
+)
 from lb.exchange import Exchange
 from lb.forwarding import ForwardingSettings, new_request_id, request_head
 from lb.load import Attempt
 from lb.pool import Pool
 from lb.retry import RetryPolicy, retry_reason
 from lb.router import Route, Router
+from lb.stats import ErrorRecord
 from lb.strategies import RequestInfo
 
 log = logging.getLogger("lb.proxy")
@@ -36,12 +44,13 @@ class Proxy:
 
     def __init__(
         self, router: Router, pools: dict[str, Pool], limits: ListenerLimits,
-        settings: ForwardingSettings,
+        settings: ForwardingSettings, access_log: AccessLogger | None = None,
     ) -> None:  # fmt: skip
         self.router = router
         self.pools = pools
         self.limits = limits
         self.settings = settings
+        self.access_log = access_log or AccessLogger(enabled=False)
         self.draining = False
         self.connections: set[ClientConnection] = set()
         self.active_requests = 0
@@ -55,14 +64,16 @@ class Proxy:
 
     async def handle(self, client: ClientConnection, req: IncomingRequest) -> None:
         """Answer ``req`` on ``client``; never raises except for cancellation."""
-        started = time.monotonic()
         pool: Pool | None = None
+        outcome = "ok"
         self.active_requests += 1
         if req.request_id is None:
             req.request_id = new_request_id()
         try:
             route = self.router.match(req)
             pool = route.pool
+            if route.auth is not None:
+                route.auth.check(req)
             pool.budget.requests += 1
             try:
                 await self._forward(client, req, route)
@@ -71,23 +82,68 @@ class Proxy:
         except ProxyError as err:
             if pool is not None and err.pool is None:
                 err.pool = pool.name
+            outcome = err.type
+            if pool is not None and not isinstance(err, UpstreamError):
+                self._record_error(pool, req, None, err)  # upstream ones were, per attempt
             client.answer_error(req, err)
         except asyncio.CancelledError:
+            outcome = "client_gone"
             if pool is not None:
                 pool.stats.client_disconnects += 1
             raise
         except Exception:
+            outcome = "internal_error"
             log.exception("unexpected error while proxying request %s", req.request_id)
             client.answer_error(req, ProxyError("internal proxy error"))
         finally:
             self.active_requests -= 1
             if not self.active_requests and self.draining:
                 self.idle.set()
+            duration_s = client.loop.time() - req.started_s
             if pool is not None:
                 stats = pool.stats
                 stats.responses_by_class[min(req.status // 100, 5)] += 1
-                stats.duration.observe(time.monotonic() - started)
+                stats.duration.observe(duration_s)
+                if req.ttfb_s >= 0.0:
+                    stats.ttfb.observe(req.ttfb_s)
+            if self.access_log.wants(req.status):
+                self._log_access(req, pool, outcome, duration_s)
             client.request_done(req)
+
+    def _log_access(
+        self, req: IncomingRequest, pool: Pool | None, outcome: str, duration_s: float
+    ) -> None:
+        self.access_log.log(
+            {
+                "request_id": (req.request_id or b"").decode("latin-1"),
+                "method": req.method.decode("latin-1"),
+                "path": req.path.decode("latin-1"),
+                "pool": pool.name if pool is not None else None,
+                "backend": req.backend_name,
+                "status": req.status,
+                "attempts": req.attempts,
+                "bytes_in": req.body.size,
+                "bytes_out": req.bytes_out,
+                "ttfb_s": round(req.ttfb_s, 6) if req.ttfb_s >= 0.0 else None,
+                "duration_s": round(duration_s, 6),
+                "outcome": outcome,
+            }
+        )
+
+    @staticmethod
+    def _record_error(
+        pool: Pool, req: IncomingRequest, backend: Backend | None, err: ProxyError
+    ) -> None:
+        pool.stats.recent_errors.append(
+            ErrorRecord(
+                time=time.time(),
+                request_id=(req.request_id or b"").decode("latin-1"),
+                backend=backend.name if backend is not None else None,
+                status=err.status,
+                type=err.type,
+                message=err.message,
+            )
+        )
 
     async def _forward(self, client: ClientConnection, req: IncomingRequest, route: Route) -> None:
         """Attempts until one answers, retrying what the route's policy allows."""
@@ -179,6 +235,8 @@ class Proxy:
         retry_statuses: frozenset[int],
     ) -> ProxyError | None:
         """One attempt on ``backend``; returns the error that ended it, or ``None``."""
+        req.attempts += 1
+        req.backend_name = backend.name
         upstreams = pool.upstreams[backend]
         timeouts = pool.timeouts
         headers_timeout_s = policy.per_try_timeout_s or timeouts.response_headers_s
@@ -227,6 +285,7 @@ class Proxy:
         pool.attempt_ended(backend, failed=failed)
         if error is not None:
             error.pool = pool.name
+            self._record_error(pool, req, backend, error)
         return error
 
     def _head(self, client: ClientConnection, req: IncomingRequest, backend: Backend) -> bytes:

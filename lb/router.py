@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lb.client_auth import ClientKeys
 from lb.downstream import IncomingRequest
 from lb.errors import NoRoute
 from lb.pool import Pool
@@ -24,6 +25,7 @@ class Route:
     headers: tuple[tuple[bytes, bytes], ...] = ()
     methods: frozenset[bytes] | None = None
     retry: RetryPolicy | None = None  # overrides the pool's
+    auth: ClientKeys | None = None  # client API keys required on this route
 
     @property
     def retry_policy(self) -> RetryPolicy:

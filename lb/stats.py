@@ -7,6 +7,8 @@ Prometheus samples when scraped, so recording a request costs a few list operati
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
+from dataclasses import dataclass
 
 # Inference requests span milliseconds (an embedding, a cached reply) to minutes (a long
 # generation): buckets from 5 ms to 10 minutes.
@@ -34,17 +36,41 @@ class Histogram:
         return sum(self.counts)
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorRecord:
+    """One failure worth showing an operator: when, which request, which backend, what."""
+
+    time: float  # Unix time
+    request_id: str
+    backend: str | None
+    status: int
+    type: str
+    message: str
+
+
+RECENT_ERRORS = 50
+
+
 class PoolStats:
     """What clients of one pool saw: answers by status class and time to answer them."""
 
-    __slots__ = ("client_disconnects", "duration", "responses_by_class", "retries")
+    __slots__ = (
+        "client_disconnects",
+        "duration",
+        "recent_errors",
+        "responses_by_class",
+        "retries",
+        "ttfb",
+    )
 
     def __init__(self) -> None:
         # index 1..5 for 1xx..5xx; index 0 for requests that got no response (client gone)
         self.responses_by_class = [0] * 6
         self.duration = Histogram()
+        self.ttfb = Histogram()  # request headers in -> response headers out
         self.client_disconnects = 0
         self.retries: dict[str, int] = {}  # by reason: connect_error, reset, timeout, a status
+        self.recent_errors: deque[ErrorRecord] = deque(maxlen=RECENT_ERRORS)
 
     def count_retry(self, reason: str) -> None:
         self.retries[reason] = self.retries.get(reason, 0) + 1

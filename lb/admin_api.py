@@ -1,0 +1,258 @@
+"""The admin API (JSON, on the admin listener): live state, drain, weights, reload.
+
+Reads need no credentials (the listener is meant for a trusted network, like ``/metrics``);
+every call that changes something needs ``Authorization: Bearer <admin token>``. A wrong or
+missing token is answered 401 and changes nothing. The numbers shown are the very fields the
+strategies and ``/metrics`` read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from lb import __version__
+from lb.backend import Backend
+from lb.config import Config
+from lb.metrics import CODE_CLASSES
+from lb.pool import Pool
+from lb.proxy import Proxy
+from lb.stats import Histogram
+
+SECRET_KEYS = frozenset({"token", "api_keys"})
+REDACTED = "<redacted>"
+
+
+class Control(Protocol):
+    """What the admin API needs from the running app."""
+
+    proxy: Proxy | None
+    config: Config
+    started_epoch_s: float
+
+    def admin_token(self) -> str | None: ...
+
+    async def reload(self) -> bool: ...
+
+
+CONTROL_KEY: web.AppKey[Control] = web.AppKey("control")
+
+
+def _classes(counts: list[int]) -> dict[str, int]:
+    return dict(zip(CODE_CLASSES, counts, strict=True))
+
+
+def _histogram(h: Histogram) -> dict[str, Any]:
+    return {"buckets": list(h.buckets), "counts": list(h.counts), "sum": h.sum}
+
+
+def backend_state(backend: Backend, pool: Pool) -> dict[str, Any]:
+    now = pool.clock()
+    ejected_for = max(backend.ejected_until_s - now, 0.0)
+    return {
+        "name": backend.name,
+        "url": backend.url,
+        "weight": backend.weight,
+        "effective_weight": backend.effective_weight,
+        "max_concurrency": backend.max_concurrency,
+        "healthy": backend.healthy,
+        "available": backend.available,
+        "drained": backend.drained,
+        "ejected": ejected_for > 0,
+        "ejected_for_s": ejected_for,
+        "ejections_total": backend.ejections_total,
+        "in_flight": backend.in_flight,
+        "latency_estimate_s": backend.rtt_at(now, pool.rtt_decay_s),
+        "requests_total": backend.requests_total,
+        "failures_total": backend.failures_total,
+        "responses_by_class": _classes(backend.responses_by_class),
+        "latency": _histogram(backend.latency),
+    }
+
+
+def pool_state(pool: Pool) -> dict[str, Any]:
+    stats = pool.stats
+    return {
+        "name": pool.name,
+        "strategy": pool.strategy.name,
+        "panicking": pool.panicking,
+        "queue_depth": len(pool.queue) if pool.queue is not None else 0,
+        "responses_by_class": _classes(stats.responses_by_class),
+        "retries_total": sum(stats.retries.values()),
+        "retries": dict(stats.retries),
+        "client_disconnects": stats.client_disconnects,
+        "recent_errors": [
+            {
+                "time": e.time,
+                "request_id": e.request_id,
+                "backend": e.backend,
+                "status": e.status,
+                "type": e.type,
+                "message": e.message,
+            }
+            for e in reversed(stats.recent_errors)
+        ],
+        "backends": [backend_state(b, pool) for b in pool.backends],
+    }
+
+
+def redact(node: Any) -> Any:
+    """A copy of a config tree with every secret value replaced."""
+    if isinstance(node, dict):
+        return {k: (REDACTED if k in SECRET_KEYS and v else redact(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    return node
+
+
+def _control(request: web.Request) -> Control:
+    return request.app[CONTROL_KEY]
+
+
+def _proxy(request: web.Request) -> Proxy:
+    proxy = _control(request).proxy
+    if proxy is None:
+        raise web.HTTPServiceUnavailable(text="starting")
+    return proxy
+
+
+def _error(status: int, type_: str, message: str) -> web.Response:
+    return web.json_response({"error": {"type": type_, "message": message}}, status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def mutating(handler: Handler) -> Handler:
+    """Wrap a handler that changes state: the admin bearer token is required."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        token = _control(request).admin_token()
+        if token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), token.encode()
+            ):
+                return _error(401, "unauthorized", "a valid admin bearer token is required")
+        return await handler(request)
+
+    return guarded
+
+
+async def get_state(request: web.Request) -> web.Response:
+    control = _control(request)
+    proxy = _proxy(request)
+    return web.json_response(
+        {
+            "version": __version__,
+            "draining": proxy.draining,
+            "uptime_s": time.time() - control.started_epoch_s,
+            "time": time.time(),
+            "pools": [pool_state(p) for p in proxy.pools.values()],
+        }
+    )
+
+
+async def get_pools(request: web.Request) -> web.Response:
+    proxy = _proxy(request)
+    return web.json_response({"pools": [pool_state(p) for p in proxy.pools.values()]})
+
+
+def _pool(request: web.Request) -> Pool:
+    pool = _proxy(request).pools.get(request.match_info["pool"])
+    if pool is None:
+        raise web.HTTPNotFound(
+            text='{"error": {"type": "not_found", "message": "no such pool"}}',
+            content_type="application/json",
+        )
+    return pool
+
+
+def _backend(request: web.Request) -> tuple[Pool, Backend]:
+    pool = _pool(request)
+    name = request.match_info["backend"]
+    for backend in pool.backends:
+        if backend.name == name:
+            return pool, backend
+    raise web.HTTPNotFound(
+        text='{"error": {"type": "not_found", "message": "no such backend in this pool"}}',
+        content_type="application/json",
+    )
+
+
+async def get_pool(request: web.Request) -> web.Response:
+    return web.json_response(pool_state(_pool(request)))
+
+
+async def get_routes(request: web.Request) -> web.Response:
+    config = _control(request).config
+    routes = [
+        {
+            "pool": r.pool,
+            "path_prefix": r.path_prefix,
+            "headers": r.headers,
+            "methods": r.methods,
+            "requires_api_key": r.auth is not None,
+        }
+        for r in config.routes
+    ]
+    return web.json_response({"routes": routes, "default_pool": config.pools[0].name})
+
+
+async def get_config(request: web.Request) -> web.Response:
+    return web.json_response(redact(_control(request).config.model_dump(mode="json")))
+
+
+async def drain(request: web.Request) -> web.Response:
+    pool, backend = _backend(request)
+    backend.drained = True
+    pool.refresh()
+    return web.json_response(backend_state(backend, pool))
+
+
+async def undrain(request: web.Request) -> web.Response:
+    pool, backend = _backend(request)
+    backend.drained = False
+    pool.refresh()
+    return web.json_response(backend_state(backend, pool))
+
+
+async def set_weight(request: web.Request) -> web.Response:
+    pool, backend = _backend(request)
+    try:
+        body = await request.json()
+        weight = body["weight"]
+    except (ValueError, KeyError, TypeError):
+        return _error(400, "bad_request", 'body must be JSON like {"weight": 3}')
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 10000:
+        return _error(400, "bad_request", "weight must be an integer from 1 to 10000")
+    backend.weight = weight
+    backend.effective_weight = float(weight)
+    return web.json_response(backend_state(backend, pool))
+
+
+async def reload(request: web.Request) -> web.Response:
+    ok = await _control(request).reload()
+    if not ok:
+        return _error(400, "invalid_config", "reload refused; the running config is unchanged "
+                      "(the reason is in the log)")  # fmt: skip
+    return web.json_response({"reloaded": True})
+
+
+def add_routes(app: web.Application, control: Control) -> None:
+    app[CONTROL_KEY] = control
+    r = app.router
+    r.add_get("/api/v1/state", get_state)
+    r.add_get("/api/v1/pools", get_pools)
+    r.add_get("/api/v1/pools/{pool}", get_pool)
+    r.add_get("/api/v1/routes", get_routes)
+    r.add_get("/api/v1/config", get_config)
+    base = "/api/v1/pools/{pool}/backends/{backend}"
+    r.add_post(base + "/drain", mutating(drain))
+    r.add_post(base + "/undrain", mutating(undrain))
+    r.add_post(base + "/weight", mutating(set_weight))
+    r.add_post("/api/v1/reload", mutating(reload))
