@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: run test lint typecheck check bench clean
+.PHONY: run test lint typecheck check bench clean system-deps
 
 # Runtime install: the package alone.
 $(VENV)/.installed: pyproject.toml
@@ -25,8 +25,23 @@ run: $(VENV)/.installed
 	$(PY) -m backends.demo --config config.yaml
 
 ## test: the whole suite, from nothing
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev system-deps
 	$(PY) -m pytest
+
+# Tools some tests drive for real: promtool (Debian's prometheus) and headless Chromium.
+SYSTEM_TOOLS := promtool:prometheus chromium:chromium
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "the tests need:$$missing (as root: apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

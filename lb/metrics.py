@@ -133,6 +133,11 @@ class ProxyCollector(Collector):
             "Time from request headers to the end of the response, by pool.",
             labels=["pool"],
         )
+        ttfb = HistogramMetricFamily(
+            "lb_request_ttfb_seconds",
+            "Time from request headers to response headers sent to the client, by pool.",
+            labels=["pool"],
+        )
         disconnects = CounterMetricFamily(
             "lb_client_disconnects", "Requests whose client went away before the answer ended.",
             labels=["pool"],
@@ -174,6 +179,8 @@ class ProxyCollector(Collector):
                 requests.add_metric([name, cls], count)
             h = stats.duration
             duration.add_metric([name], _histogram_buckets(h), h.sum)
+            t = stats.ttfb
+            ttfb.add_metric([name], _histogram_buckets(t), t.sum)
             disconnects.add_metric([name], stats.client_disconnects)
             for b in pool.backends:
                 labels = [name, b.name]
@@ -191,7 +198,7 @@ class ProxyCollector(Collector):
         info = GaugeMetricFamily("lb_build_info", "Build information.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield from (
-            requests, duration, disconnects, responses, in_flight, rtt, healthy, weight,
+            requests, duration, ttfb, disconnects, responses, in_flight, rtt, healthy, weight,
             connects, idle, clients, info,
         )  # fmt: skip
         yield from resilience.families()
