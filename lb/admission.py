@@ -42,6 +42,13 @@ class AdmissionQueue:
         self.admitted = 0
         self.waits = Histogram()  # seconds each queued request waited, admitted or not
 
+    def carry_counters(self, previous: AdmissionQueue) -> None:
+        """Continue the counters of the queue this one replaces on a reload."""
+        self.rejected_full = previous.rejected_full
+        self.rejected_timeout = previous.rejected_timeout
+        self.admitted = previous.admitted
+        self.waits = previous.waits
+
     def __len__(self) -> int:
         return len(self._waiters)
 

@@ -114,10 +114,18 @@ class App:
         """The bearer token admin calls that change something must carry (None: open)."""
         return admin_token(self.config)
 
-    def _start_health_checks(self, config: Config, pools: dict[str, Pool]) -> None:
+    def _start_health_checks(
+        self,
+        config: Config,
+        pools: dict[str, Pool],
+        previous: dict[str, HealthChecker] | None = None,
+    ) -> None:
         for pc in config.pools:
             pool = pools[pc.name]
-            checker = HealthChecker(pool.name, pool.backends, pc.health_check, pool)
+            prev = previous.get(pc.name) if previous else None
+            checker = HealthChecker(
+                pool.name, pool.backends, pc.health_check, pool, previous=prev
+            )
             checker.start()
             self.health_checkers[pool.name] = checker
 
@@ -149,7 +157,7 @@ class App:
             setattr(proxy.limits, field.name, getattr(new_limits, field.name))
         retire_pools(old_pools, pools)
         self.health_checkers = {}
-        self._start_health_checks(config, pools)
+        self._start_health_checks(config, pools, old_checkers)
         self.config = config
         self.reloads.succeeded += 1
         self.reloads.last_success_epoch_s = time.time()

@@ -90,6 +90,8 @@ def build_pools(
             stats=prev.stats if prev is not None else None,
         )
         if prev is not None:
+            if prev.queue is not None and pool.queue is not None:
+                pool.queue.carry_counters(prev.queue)
             for backend in fresh:
                 pool.begin_slow_start(backend)
         header = config.headers.backend_header

@@ -127,7 +127,8 @@ class HealthChecker:
 
     Nothing runs until :meth:`start`, which needs a running loop; :meth:`stop` ends it. With
     ``config.enabled`` false, ``start`` does nothing and the verdicts stay as they were.
-    ``rng`` (default: a fresh ``random.Random``) spreads the probes in time.
+    ``rng`` (default: a fresh ``random.Random``) spreads the probes in time. ``previous``
+    is the checker this one replaces on a reload: its counters carry over.
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class HealthChecker:
         listener: HealthListener,
         *,
         rng: random.Random | None = None,
+        previous: HealthChecker | None = None,
     ) -> None:
         self.pool_name = pool_name
         self.backends = tuple(backends)
@@ -150,7 +152,12 @@ class HealthChecker:
             b: HealthState(b.healthy, config.healthy_threshold, config.unhealthy_threshold)
             for b in self.backends
         }
-        self._stats = {b: ProbeStats() for b in self.backends}
+        # A reload's new checker carries the probe counters of the backends that stay, so
+        # they never go backwards.
+        kept: dict[Backend, ProbeStats] = previous._stats if previous is not None else {}
+        self._stats: dict[Backend, ProbeStats] = {
+            b: kept.get(b) or ProbeStats() for b in self.backends
+        }
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._started = False

@@ -157,7 +157,7 @@ class ProxyCollector(Collector):
             labels=["pool", "backend"],
         )
         healthy = GaugeMetricFamily(
-            "lb_backend_healthy", "1 if the backend may receive requests, else 0.",
+            "lb_backend_healthy", "1 if the active health check passes, else 0.",
             labels=["pool", "backend"],
         )  # fmt: skip
         weight = GaugeMetricFamily(

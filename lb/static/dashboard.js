@@ -175,6 +175,16 @@
     return node;
   }
 
+  /** An API value as display text: null and undefined become ``fallback``. */
+  function str(value, fallback) {
+    return value === undefined || value === null ? fallback : String(value);
+  }
+
+  /** Put ``node`` at index ``i`` of ``parent`` unless it is there already (no DOM churn). */
+  function placeAt(parent, node, i) {
+    if (parent.children[i] !== node) parent.insertBefore(node, parent.children[i] || null);
+  }
+
   function setText(node, text) {
     text = String(text);
     if (node.textContent !== text) node.textContent = text;
@@ -238,6 +248,7 @@
       for (const [field] of BACKEND_COLUMNS) {
         if (NUMERIC.has(field)) this.cells[field].setAttribute("data-field", field);
       }
+      this.cells.weight.title = "effective weight (slow start) / configured weight";
     }
 
     update(b, time) {
@@ -251,12 +262,11 @@
       const tone = { available: "green", drained: "grey", ejected: "amber", unhealthy: "red" };
       setBadge(this.state, state, tone[state]);
       let note = "";
-      if (b.ejected) note = fmtSeconds(num(b.ejected_for_s)) + " left";
+      if (b.ejected) note = Math.ceil(num(b.ejected_for_s)) + " s left";
       if (b.ejected && state !== "ejected") note = "ejected, " + note;
       if (state === "available" && b.available === false) note = "held (Retry-After)";
       setText(this.stateNote, note);
       this.row.classList.toggle("row-drained", state === "drained");
-      this.row.classList.toggle("row-bad", state === "unhealthy" || state === "ejected");
 
       setText(this.cells.in_flight, num(b.in_flight));
       setText(this.cells.rps, fmtRate(f.rps));
@@ -268,8 +278,8 @@
       const eff = fmtWeight(b.effective_weight);
       const conf = fmtWeight(b.weight);
       setText(this.cells.weight, eff === conf ? conf : eff + " / " + conf);
-      this.cells.weight.title = "effective weight / configured weight";
-      setText(this.cells.requests_total, num(b.requests_total) + " (" + num(b.failures_total) + " failed)");
+      const failed = num(b.failures_total);
+      setText(this.cells.requests_total, num(b.requests_total) + " (" + failed + " failed)");
       return state;
     }
   }
@@ -326,7 +336,8 @@
         etr.appendChild(el("th", null, label));
       }
       this.errorsTable.appendChild(el("thead")).appendChild(etr);
-      this.errorsBody = this.errorsTable.appendChild(el("tbody", { "data-field": "recent_errors" }));
+      this.errorsBody = el("tbody", { "data-field": "recent_errors" });
+      this.errorsTable.appendChild(this.errorsBody);
       errorsWrap.appendChild(this.errorsTable);
       this.root.append(this.errorsTitle, this.noErrors, errorsWrap);
     }
@@ -360,7 +371,7 @@
           this.rows.set(name, row);
         }
         if (row.update(b, time) === "available" && b.available !== false) available += 1;
-        if (this.tbody.children[i] !== row.row) this.tbody.insertBefore(row.row, this.tbody.children[i] || null);
+        placeAt(this.tbody, row.row, i);
       });
       for (const [name, row] of this.rows) {
         if (!seen.has(name)) {
@@ -369,7 +380,8 @@
         }
       }
       setText(this.available, available + " / " + backends.length);
-      setTone(this.available, available === backends.length ? "" : available === 0 ? "bad" : "warn");
+      const all = available === backends.length;
+      setTone(this.available, all ? "" : available === 0 ? "bad" : "warn");
 
       this.renderErrors(Array.isArray(p.recent_errors) ? p.recent_errors : [], num(time));
     }
@@ -377,14 +389,17 @@
     renderErrors(errors, now) {
       // Newest first, at most MAX_ERRORS_SHOWN; whatever the API sends, the page holds no more.
       const shown = errors
-        .slice()
+        .filter((e) => e !== null && typeof e === "object")
         .sort((a, b) => num(b.time) - num(a.time))
         .slice(0, MAX_ERRORS_SHOWN);
-      const key = shown.map((e) => [e.time, e.request_id, e.backend, e.status].join("|")).join("\n");
+      const key = shown
+        .map((e) => [e.time, e.request_id, e.backend, e.status].join("|"))
+        .join("\n");
       this.noErrors.hidden = shown.length > 0;
       this.errorsTable.hidden = shown.length === 0;
       const more = errors.length > shown.length;
-      setText(this.errorsTitle, "Recent errors" + (more ? " (newest " + shown.length + " of " + errors.length + ")" : ""));
+      const count = more ? " (newest " + shown.length + " of " + errors.length + ")" : "";
+      setText(this.errorsTitle, "Recent errors" + count);
       if (key === this.errorsKey) {
         for (const tr of this.errorsBody.children) this.refreshAge(tr, now);
         return;
@@ -396,16 +411,16 @@
         tr.dataset.time = String(t);
         const timeCell = el("td", { class: "nowrap" }, fmtClock(t));
         timeCell.appendChild(el("span", { class: "muted small age" }));
-        const message = String(e.message === undefined || e.message === null ? "" : e.message);
-        const msgCell = el("td", { class: "message" }, message.slice(0, MAX_MESSAGE_CHARS));
-        msgCell.title = message.slice(0, MAX_MESSAGE_CHARS);
+        const message = str(e.message, "").slice(0, MAX_MESSAGE_CHARS);
+        const msgCell = el("td", { class: "message" }, message);
+        msgCell.title = message; // the whole text on hover; the cell cuts it with an ellipsis
         tr.append(
           timeCell,
-          el("td", null, e.backend === undefined || e.backend === null ? DASH : e.backend),
-          el("td", { class: "num" }, e.status === undefined || e.status === null ? DASH : e.status),
-          el("td", null, e.type === undefined || e.type === null ? "" : e.type),
+          el("td", null, str(e.backend, DASH)),
+          el("td", { class: "num" }, str(e.status, DASH)),
+          el("td", null, str(e.type, "")),
           msgCell,
-          el("td", { class: "muted small" }, e.request_id === undefined || e.request_id === null ? "" : e.request_id),
+          el("td", { class: "muted small" }, str(e.request_id, "")),
         );
         this.refreshAge(tr, now);
         return tr;
@@ -429,7 +444,9 @@
   let lostSince = null;
 
   function render(state) {
-    if (!state || !Array.isArray(state.pools)) throw new Error("unexpected answer from the admin API");
+    if (!state || !Array.isArray(state.pools)) {
+      throw new Error("unexpected answer from the admin API");
+    }
     const uptime = num(state.uptime_s);
     if (lastUptime !== null && uptime < lastUptime) {
       // The proxy restarted: its counters started again from zero, so old samples mean nothing.
@@ -456,7 +473,7 @@
         panels.set(name, panel);
       }
       panel.update(p, state.time);
-      if (main.children[i] !== panel.root) main.insertBefore(panel.root, main.children[i] || null);
+      placeAt(main, panel.root, i);
     });
     for (const [name, panel] of panels) {
       if (!seen.has(name)) {
@@ -479,7 +496,10 @@
   function connectionLost(err) {
     failures += 1;
     if (lostSince === null) lostSince = Date.now() / 1000;
-    const reason = err && err.name === "AbortError" ? "no answer within " + POLL_TIMEOUT_MS / 1000 + " s" : String((err && err.message) || err);
+    const reason =
+      err && err.name === "AbortError"
+        ? "no answer within " + POLL_TIMEOUT_MS / 1000 + " s"
+        : String((err && err.message) || err);
     setText(
       $("banner-lost-detail"),
       "The admin API has not answered since " + fmtClock(lostSince) + " (" + failures +
