@@ -134,9 +134,9 @@ def mutating(handler: Handler) -> Handler:
         token = _control(request).admin_token()
         if token is not None:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), token.encode()
-            ):
+            # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
+            presented = given.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
                 return _error(401, "unauthorized", "a valid admin bearer token is required")
         return await handler(request)
 

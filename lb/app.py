@@ -123,9 +123,7 @@ class App:
         for pc in config.pools:
             pool = pools[pc.name]
             prev = previous.get(pc.name) if previous else None
-            checker = HealthChecker(
-                pool.name, pool.backends, pc.health_check, pool, previous=prev
-            )
+            checker = HealthChecker(pool.name, pool.backends, pc.health_check, pool, previous=prev)
             checker.start()
             self.health_checkers[pool.name] = checker
 

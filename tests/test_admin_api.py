@@ -1,0 +1,614 @@
+"""The admin API on the admin listener: live state, routes, redacted config, the admin token on
+every mutating call, drain and undrain, weights, reload, and the OpenAPI description."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from lb.app import App
+from lb.config import ConfigError, load_config, parse_config
+from tests.conftest import free_port, pool, proxy_config, raw_exchange, url
+
+TOKEN = "0123456789abcdef0123456789abcdef"  # 32 characters
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+# Fields that move with the clock alone, not with any call.
+VOLATILE_BACKEND_FIELDS = frozenset({"latency_estimate_s", "ejected_for_s"})
+
+
+def admin(app: App, path: str) -> str:
+    return f"http://127.0.0.1:{app.admin_port}{path}"
+
+
+async def _get(app: App, path: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.get(admin(app, path)) as resp:
+        return resp.status, await resp.json()
+
+
+async def _post(
+    app: App, path: str, *, json: Any = None, data: Any = None, headers: Any = None
+) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(admin(app, path), json=json, data=data, headers=headers) as resp,
+    ):
+        assert resp.content_type == "application/json"
+        return resp.status, await resp.json()
+
+
+async def _state(app: App) -> dict[str, Any]:
+    status, body = await _get(app, "/api/v1/state")
+    assert status == 200
+    return body  # type: ignore[no-any-return]
+
+
+def _backend(state: dict[str, Any], pool_name: str, backend_name: str) -> dict[str, Any]:
+    (p,) = [p for p in state["pools"] if p["name"] == pool_name]
+    (b,) = [b for b in p["backends"] if b["name"] == backend_name]
+    return b  # type: ignore[no-any-return]
+
+
+def _snapshot(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pools and backends of a state answer, without the fields that change with time."""
+    return [
+        {
+            **{k: v for k, v in p.items() if k != "backends"},
+            "backends": [
+                {k: v for k, v in b.items() if k not in VOLATILE_BACKEND_FIELDS}
+                for b in p["backends"]
+            ],
+        }
+        for p in state["pools"]
+    ]
+
+
+async def _served_by(app: App, n: int, path: str = "/echo") -> Counter[str]:
+    served: Counter[str] = Counter()
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            async with s.get(url(app, path)) as resp:
+                assert resp.status == 200
+                served[resp.headers["x-lb-backend"]] += 1
+    return served
+
+
+StartFromFile = Callable[[dict[str, Any]], Awaitable[tuple[App, Path]]]
+
+
+@pytest.fixture
+async def start_from_file(tmp_path: Path) -> AsyncIterator[StartFromFile]:
+    """Factory: write the config dict to a YAML file and run an App on it (so it can reload)."""
+    apps: list[App] = []
+
+    async def start(config: dict[str, Any]) -> tuple[App, Path]:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        app = App(load_config(path), str(path))
+        await app.start()
+        apps.append(app)
+        return app, path
+
+    yield start
+    for app in apps:
+        await app.shutdown()
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+
+async def test_state_lists_every_pool_and_backend(backends, start_proxy):
+    """GET /api/v1/state names every pool with its strategy and every backend with its fields."""
+    b0, b1, b2 = await backends(3)
+    app = await start_proxy(
+        proxy_config([pool("chat", [b0, b1]), pool("embed", [b2], "least_connections")])
+    )
+    state = await _state(app)
+    assert state["draining"] is False
+    assert [(p["name"], p["strategy"]) for p in state["pools"]] == [
+        ("chat", "round_robin"),
+        ("embed", "least_connections"),
+    ]
+    assert [[b["name"] for b in p["backends"]] for p in state["pools"]] == [["b0", "b1"], ["b2"]]
+    b = _backend(state, "chat", "b0")
+    assert b["url"] == b0.url
+    assert (b["weight"], b["healthy"], b["available"], b["drained"]) == (1, True, True, False)
+
+
+async def test_state_counts_requests_per_backend(backends, start_proxy):
+    """requests_total counts each backend's requests and in_flight is 0 once they are done."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1])]))
+    assert await _served_by(app, 6) == {"b0": 3, "b1": 3}
+    state = await _state(app)
+    for name in ("b0", "b1"):
+        b = _backend(state, "chat", name)
+        assert (b["requests_total"], b["in_flight"]) == (3, 0)
+        assert b["responses_by_class"]["2xx"] == 3
+
+
+async def test_state_shows_a_request_in_flight_while_it_runs(backends, start_proxy):
+    """A held stream shows as in_flight 1 on its backend, and 0 again once it has finished."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    async with aiohttp.ClientSession() as s:
+        resp = await s.get(url(app, "/stream?hold=1&chunks=1"))
+        assert _backend(await _state(app), "chat", "b0")["in_flight"] == 1
+        b0.release.set()
+        assert await asyncio.wait_for(resp.read(), 5) == b"chunk-0;"
+        resp.release()
+    for _ in range(100):
+        if _backend(await _state(app), "chat", "b0")["in_flight"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert _backend(await _state(app), "chat", "b0")["in_flight"] == 0
+
+
+async def test_one_pool_is_described_by_name(backends, start_proxy):
+    """GET /api/v1/pools/{pool} answers that pool alone, with its backends."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0]), pool("embed", [b1])]))
+    status, body = await _get(app, "/api/v1/pools/embed")
+    assert status == 200
+    assert body["name"] == "embed"
+    assert [b["name"] for b in body["backends"]] == ["b1"]
+
+
+async def test_the_pool_list_names_every_pool(backends, start_proxy):
+    """GET /api/v1/pools lists the pools in configuration order."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0]), pool("embed", [b1])]))
+    status, body = await _get(app, "/api/v1/pools")
+    assert status == 200
+    assert [p["name"] for p in body["pools"]] == ["chat", "embed"]
+
+
+async def test_an_unknown_pool_is_404(backends, start_proxy):
+    """Asking for a pool that does not exist is a 404 with a JSON error."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    status, body = await _get(app, "/api/v1/pools/nope")
+    assert status == 404
+    assert body["error"]["type"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/pools/chat/backends/nope/drain",
+        "/api/v1/pools/nope/backends/b0/drain",
+        "/api/v1/pools/chat/backends/nope/weight",
+    ],
+)
+async def test_an_action_on_an_unknown_backend_or_pool_is_404(backends, start_proxy, path):
+    """A drain or weight call naming a backend or pool that does not exist is a JSON 404."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    status, body = await _post(app, path, json={"weight": 2})
+    assert status == 404
+    assert body["error"]["type"] == "not_found"
+    assert _backend(await _state(app), "chat", "b0")["drained"] is False
+
+
+async def test_routes_lists_the_routing_table(backends, start_proxy):
+    """GET /api/v1/routes shows each route, whether it needs an API key, and the default pool."""
+    b0, b1 = await backends(2)
+    routes = [
+        {"path_prefix": "/v1/", "pool": "chat", "methods": ["post"], "auth": {"api_keys": ["k"]}},
+        {"path_prefix": "/", "pool": "embed", "headers": {"X-Model": "e5"}},
+    ]
+    app = await start_proxy(proxy_config([pool("chat", [b0]), pool("embed", [b1])], routes=routes))
+    status, body = await _get(app, "/api/v1/routes")
+    assert status == 200
+    assert body == {
+        "routes": [
+            {
+                "pool": "chat",
+                "path_prefix": "/v1/",
+                "headers": {},
+                "methods": ["POST"],
+                "requires_api_key": True,
+            },
+            {
+                "pool": "embed",
+                "path_prefix": "/",
+                "headers": {"x-model": "e5"},
+                "methods": None,
+                "requires_api_key": False,
+            },
+        ],
+        "default_pool": "chat",
+    }
+
+
+async def test_config_redacts_the_admin_token_and_client_api_keys(backends, start_proxy):
+    """GET /api/v1/config shows the running config with every secret replaced."""
+    (b0,) = await backends(1)
+    secret_key = "client-key-that-must-not-leak-42"
+    config = proxy_config(
+        [pool("chat", [b0])],
+        routes=[{"path_prefix": "/", "pool": "chat", "auth": {"api_keys": [secret_key]}}],
+    )
+    config["admin"]["token"] = TOKEN
+    app = await start_proxy(config)
+    async with aiohttp.ClientSession() as s, s.get(admin(app, "/api/v1/config")) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+        body = await resp.json()
+    assert TOKEN not in text
+    assert secret_key not in text
+    assert body["admin"]["token"] == "<redacted>"
+    assert body["routes"][0]["auth"]["api_keys"] == "<redacted>"
+    assert body["pools"][0]["backends"][0]["url"] == b0.url
+
+
+# -- the admin token ----------------------------------------------------------------------------
+
+# Each call changes the state in a visible way if it gets through. The file on disk holds an
+# extra backend, so a reload that got through would show it.
+MUTATIONS: dict[str, tuple[str, Any]] = {
+    "drain": ("/api/v1/pools/chat/backends/b1/drain", None),
+    "undrain": ("/api/v1/pools/chat/backends/b0/undrain", None),
+    "weight": ("/api/v1/pools/chat/backends/b1/weight", {"weight": 7}),
+    "reload": ("/api/v1/reload", None),
+}
+BAD_CREDENTIALS: dict[str, dict[str, str]] = {
+    "no token": {},
+    "wrong token": {"Authorization": "Bearer " + "f" * 32},
+    "non-bearer scheme": {"Authorization": f"Basic {TOKEN}"},
+    "token without a scheme": {"Authorization": TOKEN},
+}
+
+
+async def _guarded_proxy(
+    backends: Callable[[int], Awaitable[list[Any]]], start_from_file: StartFromFile
+) -> App:
+    """A proxy with an admin token, b0 drained, and a config file that adds b2 on reload."""
+    b0, b1, b2 = await backends(3)
+    config = proxy_config([pool("chat", [b0, b1])])
+    config["admin"]["token"] = TOKEN
+    app, path = await start_from_file(config)
+    status, _ = await _post(app, "/api/v1/pools/chat/backends/b0/drain", headers=AUTH)
+    assert status == 200
+    path.write_text(yaml.safe_dump(proxy_config_with(config, pool("chat", [b0, b1, b2]))))
+    return app
+
+
+def proxy_config_with(config: dict[str, Any], *pools: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its pools replaced (listeners unchanged, so a reload may accept it)."""
+    return {**config, "pools": list(pools)}
+
+
+@pytest.mark.parametrize("credentials", list(BAD_CREDENTIALS), ids=list(BAD_CREDENTIALS))
+@pytest.mark.parametrize("call", list(MUTATIONS))
+async def test_a_mutating_call_without_the_admin_token_is_401_and_changes_nothing(
+    backends, start_from_file, call, credentials
+):
+    """Drain, undrain, weight and reload without the right bearer token answer a JSON 401."""
+    app = await _guarded_proxy(backends, start_from_file)
+    before = _snapshot(await _state(app))
+    path, body = MUTATIONS[call]
+    status, answer = await _post(app, path, json=body, headers=BAD_CREDENTIALS[credentials])
+    assert status == 401
+    assert answer["error"]["type"] == "unauthorized"
+    assert _snapshot(await _state(app)) == before
+
+
+async def test_a_token_that_is_not_utf8_is_401_and_changes_nothing(backends, start_from_file):
+    """An Authorization header with bytes that are not UTF-8 is a wrong token: a JSON 401."""
+    app = await _guarded_proxy(backends, start_from_file)
+    before = _snapshot(await _state(app))
+    raw = await raw_exchange(
+        app.admin_port,
+        b"POST /api/v1/pools/chat/backends/b1/drain HTTP/1.1\r\nhost: admin\r\n"
+        b"authorization: Bearer \xff\xfe\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 "), raw[:200]
+    assert json.loads(body)["error"]["type"] == "unauthorized"
+    assert _snapshot(await _state(app)) == before
+
+
+CHANGED: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "drain": lambda state: _backend(state, "chat", "b1")["drained"] is True,
+    "undrain": lambda state: _backend(state, "chat", "b0")["drained"] is False,
+    "weight": lambda state: _backend(state, "chat", "b1")["weight"] == 7,
+    "reload": lambda state: _backend(state, "chat", "b2")["drained"] is False,
+}
+
+
+@pytest.mark.parametrize("call", list(MUTATIONS))
+async def test_a_mutating_call_with_the_admin_token_takes_effect(backends, start_from_file, call):
+    """Drain, undrain, weight and reload with ``Authorization: Bearer <token>`` do their job."""
+    app = await _guarded_proxy(backends, start_from_file)
+    path, body = MUTATIONS[call]
+    status, _ = await _post(app, path, json=body, headers=AUTH)
+    assert status == 200
+    assert CHANGED[call](await _state(app))
+
+
+async def test_reads_need_no_admin_token(backends, start_from_file):
+    """GET calls are answered without a token even when one is configured."""
+    app = await _guarded_proxy(backends, start_from_file)
+    for path in ("/api/v1/state", "/api/v1/pools", "/api/v1/routes", "/api/v1/config"):
+        status, _ = await _get(app, path)
+        assert status == 200, path
+
+
+# -- drain, undrain, weight ---------------------------------------------------------------------
+
+
+async def test_draining_a_backend_lets_its_stream_finish_and_sends_new_requests_elsewhere(
+    backends, start_proxy
+):
+    """A backend drained mid-stream finishes that stream intact and gets no new request."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1])]))
+    async with aiohttp.ClientSession() as s:
+        stream = await s.get(url(app, "/stream?chunks=10&interval_ms=50"))
+        holder = stream.headers["x-lb-backend"]
+        first = await asyncio.wait_for(stream.content.readuntil(b";"), 5)
+        status, drained = await _post(app, f"/api/v1/pools/chat/backends/{holder}/drain")
+        assert status == 200
+        assert (drained["drained"], drained["available"], drained["in_flight"]) == (True, False, 1)
+        served = await _served_by(app, 10)
+        rest = await asyncio.wait_for(stream.read(), 10)
+        stream.release()
+    other = "b1" if holder == "b0" else "b0"
+    assert served == {other: 10}
+    assert first + rest == b"".join(b"chunk-%d;" % i for i in range(10))
+    assert _backend(await _state(app), "chat", holder)["drained"] is True
+
+
+async def test_undraining_a_backend_returns_it_to_rotation(backends, start_proxy):
+    """After undrain, a drained backend takes its share of new requests again."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1])]))
+    assert (await _post(app, "/api/v1/pools/chat/backends/b0/drain"))[0] == 200
+    assert await _served_by(app, 4) == {"b1": 4}
+    status, body = await _post(app, "/api/v1/pools/chat/backends/b0/undrain")
+    assert status == 200
+    assert (body["drained"], body["available"]) == (False, True)
+    assert await _served_by(app, 10) == {"b0": 5, "b1": 5}
+
+
+async def test_setting_a_weight_changes_the_share_of_traffic(backends, start_proxy):
+    """POST weight 3 on b0 next to b1 at weight 1 gives b0 three requests in four."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1])]))
+    status, body = await _post(app, "/api/v1/pools/chat/backends/b0/weight", json={"weight": 3})
+    assert status == 200
+    assert body["weight"] == 3
+    assert _backend(await _state(app), "chat", "b0")["weight"] == 3
+    assert await _served_by(app, 40) == {"b0": 30, "b1": 10}
+
+
+async def test_a_drained_backend_shows_on_metrics(backends, start_proxy):
+    """Draining sets ``lb_backend_drained`` to 1 for that backend on /metrics."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1])]))
+    assert (await _post(app, "/api/v1/pools/chat/backends/b0/drain"))[0] == 200
+    async with aiohttp.ClientSession() as s, s.get(admin(app, "/metrics")) as resp:
+        text = await resp.text()
+    assert 'lb_backend_drained{backend="b0",pool="chat"} 1.0' in text
+    assert 'lb_backend_drained{backend="b1",pool="chat"} 0.0' in text
+
+
+BAD_WEIGHT_BODIES: dict[str, dict[str, Any]] = {
+    "not JSON": {"data": b"weight=3"},
+    "no weight": {"json": {}},
+    "a list": {"json": [3]},
+    "zero": {"json": {"weight": 0}},
+    "above 10000": {"json": {"weight": 10001}},
+    "a bool": {"json": {"weight": True}},
+    "a string": {"json": {"weight": "3"}},
+    "a float": {"json": {"weight": 2.5}},
+}
+
+
+@pytest.mark.parametrize("body", list(BAD_WEIGHT_BODIES))
+async def test_a_bad_weight_body_is_400_and_keeps_the_weight(backends, start_proxy, body):
+    """A weight body that is not JSON ``{"weight": 1..10000}`` is refused and changes nothing."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    status, answer = await _post(
+        app, "/api/v1/pools/chat/backends/b0/weight", **BAD_WEIGHT_BODIES[body]
+    )
+    assert status == 400
+    assert answer["error"]["type"] == "bad_request"
+    assert _backend(await _state(app), "chat", "b0")["weight"] == 1
+
+
+# -- reload -------------------------------------------------------------------------------------
+
+
+async def test_reload_picks_up_a_backend_added_to_the_file(backends, start_from_file):
+    """POST /api/v1/reload re-reads the file: a backend added there appears in the state."""
+    b0, b1 = await backends(2)
+    config = proxy_config([pool("chat", [b0])])
+    app, path = await start_from_file(config)
+    path.write_text(yaml.safe_dump(proxy_config_with(config, pool("chat", [b0, b1]))))
+    status, body = await _post(app, "/api/v1/reload")
+    assert status == 200
+    assert body == {"reloaded": True}
+    state = await _state(app)
+    assert [b["name"] for b in state["pools"][0]["backends"]] == ["b0", "b1"]
+    assert await _served_by(app, 4) == {"b0": 2, "b1": 2}
+
+
+async def test_a_drained_backend_stays_drained_across_a_reload(backends, start_from_file):
+    """A backend kept by a reload keeps the operator's drain."""
+    b0, b1, b2 = await backends(3)
+    config = proxy_config([pool("chat", [b0, b1])])
+    app, path = await start_from_file(config)
+    assert (await _post(app, "/api/v1/pools/chat/backends/b0/drain"))[0] == 200
+    path.write_text(yaml.safe_dump(proxy_config_with(config, pool("chat", [b0, b1, b2]))))
+    assert (await _post(app, "/api/v1/reload"))[0] == 200
+    assert _backend(await _state(app), "chat", "b0")["drained"] is True
+    assert await _served_by(app, 4) == {"b1": 2, "b2": 2}
+
+
+INVALID_FILES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "bad YAML": lambda config: "pools: [\n",
+    "route to a missing pool": lambda config: yaml.safe_dump(
+        {**config, "routes": [{"path_prefix": "/", "pool": "nope"}]}
+    ),
+    "moved listener": lambda config: yaml.safe_dump(
+        {**config, "listen": {"host": "127.0.0.1", "port": free_port()}}
+    ),
+}
+
+
+@pytest.mark.parametrize("invalid", list(INVALID_FILES))
+async def test_reload_of_an_invalid_file_is_400_and_changes_nothing(
+    backends, start_from_file, invalid
+):
+    """A file that fails to load or validate is refused; pools, routes and config stay."""
+    b0, b1 = await backends(2)
+    config = proxy_config([pool("chat", [b0])])
+    app, path = await start_from_file(config)
+    before_state = _snapshot(await _state(app))
+    before_config = await _get(app, "/api/v1/config")
+    path.write_text(INVALID_FILES[invalid](proxy_config_with(config, pool("chat", [b0, b1]))))
+    status, body = await _post(app, "/api/v1/reload")
+    assert status == 400
+    assert body["error"]["type"] == "invalid_config"
+    assert _snapshot(await _state(app)) == before_state
+    assert await _get(app, "/api/v1/config") == before_config
+    assert await _served_by(app, 3) == {"b0": 3}
+
+
+# -- the OpenAPI description --------------------------------------------------------------------
+
+
+async def _spec(app: App) -> dict[str, Any]:
+    status, spec = await _get(app, "/openapi.json")
+    assert status == 200
+    return spec  # type: ignore[no-any-return]
+
+
+def _served_routes(app: App) -> set[tuple[str, str]]:
+    """(path template, method) of every route the admin aiohttp app serves, HEAD aside."""
+    assert app._admin is not None
+    served = set()
+    for route in app._admin.app.router.routes():
+        canonical = route.resource.canonical if route.resource is not None else ""
+        if route.method != "HEAD":
+            served.add((canonical, route.method.lower()))
+    return served
+
+
+def _described_routes(spec: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (path, method)
+        for path, item in spec["paths"].items()
+        for method in item
+        if method in HTTP_METHODS
+    }
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+async def test_openapi_json_is_a_structurally_valid_openapi_3_1_document(backends, start_proxy):
+    """/openapi.json has openapi 3.1.x, info, paths whose operations all describe responses,
+    and every $ref resolves inside the document."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    spec = await _spec(app)
+    assert spec["openapi"].startswith("3.1.")
+    assert spec["info"]["title"]
+    assert spec["info"]["version"]
+    assert spec["paths"]
+    for path, item in spec["paths"].items():
+        assert path.startswith("/")
+        for method, op in item.items():
+            assert method in HTTP_METHODS, (path, method)
+            assert op["responses"], (path, method)
+            for param in op.get("parameters", []):
+                assert param["in"] != "path" or "{" + param["name"] + "}" in path
+    schemes = spec.get("components", {}).get("securitySchemes", {})
+    for ref in _refs(spec):
+        node: Any = spec
+        assert ref.startswith("#/"), ref
+        for part in ref[2:].split("/"):
+            node = node[part]
+    for item in spec["paths"].values():
+        for op in item.values():
+            for requirement in op.get("security", []):
+                assert set(requirement) <= set(schemes)
+
+
+async def test_every_admin_api_route_is_described_in_openapi_json(backends, start_proxy):
+    """Each method and path the admin app serves under /api/v1 appears in the spec's paths."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    served = {r for r in _served_routes(app) if r[0].startswith("/api/v1/")}
+    assert len(served) >= 9
+    assert served <= _described_routes(await _spec(app))
+
+
+async def test_every_path_in_openapi_json_is_served(backends, start_proxy):
+    """Each method and path the spec describes is a route of the admin app."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    assert _described_routes(await _spec(app)) <= _served_routes(app)
+
+
+async def test_mutating_operations_are_marked_as_needing_the_bearer_token(backends, start_proxy):
+    """Every POST in the spec declares the bearer security scheme and a 401 answer."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    spec = await _spec(app)
+    posts = [item["post"] for item in spec["paths"].values() if "post" in item]
+    assert posts
+    for op in posts:
+        assert op["security"] == [{"bearer": []}]
+        assert "401" in op["responses"]
+
+
+# -- the token in the configuration ------------------------------------------------------------
+
+
+def _public_admin_config() -> dict[str, Any]:
+    config = proxy_config([{"name": "chat", "backends": [{"url": "http://127.0.0.1:9"}]}])
+    config["admin"]["host"] = "0.0.0.0"
+    return config
+
+
+def test_an_admin_listener_off_loopback_without_a_token_is_a_config_error(monkeypatch):
+    """admin.host 0.0.0.0 with no admin.token and no LB_ADMIN_TOKEN fails at admin.token."""
+    monkeypatch.delenv("LB_ADMIN_TOKEN", raising=False)
+    with pytest.raises(ConfigError) as info:
+        parse_config(_public_admin_config(), "test")
+    assert info.value.key == "admin.token"
+    assert "admin.token" in str(info.value)
+
+
+def test_an_admin_listener_off_loopback_accepts_the_token_from_the_environment(monkeypatch):
+    """LB_ADMIN_TOKEN in the environment satisfies the token requirement."""
+    monkeypatch.setenv("LB_ADMIN_TOKEN", TOKEN)
+    config = parse_config(_public_admin_config(), "test")
+    assert config.admin.host == "0.0.0.0"
+
+
+def test_an_admin_listener_off_loopback_accepts_a_token_in_the_file(monkeypatch):
+    """admin.token in the file satisfies the token requirement."""
+    monkeypatch.delenv("LB_ADMIN_TOKEN", raising=False)
+    raw = _public_admin_config()
+    raw["admin"]["token"] = TOKEN
+    assert parse_config(raw, "test").admin.token == TOKEN
