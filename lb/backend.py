@@ -65,6 +65,13 @@ class Backend:
     responses_by_class: list[int] = field(default_factory=lambda: [0] * 6)
     latency: Histogram = field(default_factory=Histogram)  # attempt durations, seconds
 
+    # Load the backend reports about itself (its /metrics, scraped by lb.load_report): None
+    # until a scrape succeeded. ``reported_at_s`` (monotonic clock) tells how fresh it is.
+    reported_waiting: float | None = None  # requests queued in the model server
+    reported_running: float | None = None  # requests in its running batch
+    reported_kv_usage: float | None = None  # KV-cache usage, 0..1
+    reported_at_s: float = 0.0
+
     @classmethod
     def from_url(
         cls,

@@ -13,7 +13,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lb.backend import Backend
@@ -25,13 +25,27 @@ Clock = Callable[[], float]
 class RequestInfo:
     """What a strategy may know about the request being placed.
 
-    ``key`` is an affinity key (a session id, a prompt prefix) for strategies that use one;
-    ``None`` when the pool's configuration names none.
+    ``headers`` are the client's header fields as received (names in their original case).
+    The body fields are filled only when the pool's strategy sets ``needs_body`` (or a route
+    matches on the model): ``model`` and ``user`` from an OpenAI-style JSON body, and
+    ``prompt``, the text of every message in order (or the ``prompt`` of a completion),
+    which prefix-affinity strategies key on. ``key`` is free for a strategy's own use.
     """
 
     method: str
     path: str
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    model: str | None = None
+    user: str | None = None
+    prompt: str | None = None
     key: str | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower case), or ``None``."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
 
 
 class Strategy(ABC):
@@ -43,6 +57,9 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str] = "custom"
+    # Set to True (on the class or the instance) when pick() reads the body fields of
+    # RequestInfo; the proxy then reads the whole body before choosing.
+    needs_body: bool = False
 
     def __init__(
         self,
@@ -60,3 +77,11 @@ class Strategy(ABC):
     @abstractmethod
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         """Return one of ``candidates`` (never empty) for ``request``."""
+
+    def explain(self, backend: Backend, request: RequestInfo) -> str:
+        """Why ``backend`` was the last pick for ``request``, in a few words for a header.
+
+        Called right after :meth:`pick`, only when the explanation is wanted. The default
+        names the load the backend had; strategies with a richer reason override it.
+        """
+        return f"in_flight {backend.in_flight}"
