@@ -5,16 +5,56 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from aiohttp import web
 
+from backends.prefix_cache import Tokens
+
 DEFAULT_MAX_TOKENS = 16
+CHARS_PER_TOKEN = 4
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class TextTokens(Sequence[str]):
+    """``text`` as the simulation tokenises it: tokens of 4 characters, the last may be shorter.
+
+    Approximate but prefix-stable, which is what prefix caching needs: two texts sharing their
+    first ``n`` characters share their first ``n // 4`` tokens. A view rather than a list, so
+    a long prompt does not become millions of small strings.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __len__(self) -> int:
+        return -(-len(self.text) // CHARS_PER_TOKEN)  # len(text) / 4 rounded up
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        if isinstance(index, slice):
+            return tuple(self._token(i) for i in range(*index.indices(len(self))))
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("token index out of range")
+        return self._token(index)
+
+    def _token(self, index: int) -> str:
+        start = index * CHARS_PER_TOKEN
+        return self.text[start : start + CHARS_PER_TOKEN]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +62,15 @@ class CompletionRequest:
     """The parts of an OpenAI completion request the simulation uses."""
 
     chat: bool
-    prompt_tokens: int
+    tokens: Tokens  # the prompt, tokenised
     max_tokens: int
     stream: bool
     include_usage: bool
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's length in tokens, as reported in ``usage``."""
+        return len(self.tokens)
 
 
 async def read_json(request: web.Request) -> object:
@@ -39,9 +84,11 @@ async def read_json(request: web.Request) -> object:
 def parse_completion_request(body: object, *, chat: bool) -> CompletionRequest:
     """Validate a decoded JSON body; raise ``ValueError`` with an OpenAI-style message.
 
-    Prompt tokens are approximated as ``len(text) // 4 + 1`` over all messages' content (or
-    all prompt strings) joined; a prompt of token ids counts one token per id. ``max_tokens``
-    (or ``max_completion_tokens``) defaults to ``DEFAULT_MAX_TOKENS``.
+    The prompt is tokenised by :class:`TextTokens`, so it counts ``len(text) / 4`` tokens
+    rounded up. For a chat, ``text`` is every message as ``"<role>: <content>\n"`` in order
+    (``"system: ...\nuser: ...\n"``); for a completion, the prompt strings joined. A prompt
+    of token ids is its ids, one token each. ``max_tokens`` (or ``max_completion_tokens``)
+    defaults to ``DEFAULT_MAX_TOKENS``.
     """
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
@@ -49,10 +96,9 @@ def parse_completion_request(body: object, *, chat: bool) -> CompletionRequest:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty array")
-        texts = [_message_text(m) for m in messages]
-        prompt_tokens = len("".join(texts)) // 4 + 1
+        tokens: Tokens = TextTokens("".join(_message_text(m) for m in messages))
     else:
-        prompt_tokens = _prompt_tokens(body.get("prompt"))
+        tokens = _prompt(body.get("prompt"))
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
@@ -65,31 +111,34 @@ def parse_completion_request(body: object, *, chat: bool) -> CompletionRequest:
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise ValueError("'stream_options' must be an object with a boolean 'include_usage'")
     include_usage = stream and options.get("include_usage", False)
-    return CompletionRequest(chat, prompt_tokens, max_tokens, stream, include_usage)
+    return CompletionRequest(chat, tokens, max_tokens, stream, include_usage)
 
 
 def _message_text(message: object) -> str:
+    """``"<role>: <content>\n"``, the message as the prompt text holds it."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ValueError("each message must be an object with a string 'role'")
     content = message.get("content")
     if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}, ...]
+        text = content or ""
+    elif isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}, ...]
         texts = [p.get("text") for p in content if isinstance(p, dict)]
-        return "".join(t for t in texts if isinstance(t, str))
-    raise ValueError("message 'content' must be a string or an array of parts")
+        text = "".join(t for t in texts if isinstance(t, str))
+    else:
+        raise ValueError("message 'content' must be a string or an array of parts")
+    return f"{message['role']}: {text}\n"
 
 
-def _prompt_tokens(prompt: object) -> int:
+def _prompt(prompt: object) -> Tokens:
     if isinstance(prompt, str):
-        return len(prompt) // 4 + 1
+        return TextTokens(prompt)
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return len("".join(prompt)) // 4 + 1
+            return TextTokens("".join(prompt))
         if all(_is_int(p) for p in prompt):
-            return len(prompt)
+            return tuple(prompt)
         if all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
-            return sum(len(p) for p in prompt)
+            return tuple(t for p in prompt for t in p)
     raise ValueError("'prompt' must be a string, an array of strings or an array of token ids")
 
 

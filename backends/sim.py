@@ -10,9 +10,13 @@ response finishes with ``"length"`` after ``max_tokens``, default 16), ``GET /v1
 Request parsing and response shapes live in :mod:`backends.openai_api`.
 The ``model`` field is optional and any value is accepted; responses name the served model.
 
-Operations: ``GET /health``, ``GET /metrics`` (vLLM's metric names), ``GET /sim/stats``,
-``GET|POST /sim/faults``, ``GET|POST /sim/engine``, ``POST /sim/reset``. Test helpers
-(:mod:`backends.testing_routes`): ``/echo``, ``/stream``, ``/sleep``, ``/status/{code}``.
+Each instance simulates vLLM's automatic prefix caching (:mod:`backends.prefix_cache`): a
+prompt's cached prefix costs no prefill time, and ``/metrics`` reports the hits.
+
+Operations (:mod:`backends.sim_ops`): ``GET /health``, ``GET /metrics`` (vLLM's metric names),
+``GET /sim/stats``, ``GET|POST /sim/faults``, ``GET|POST /sim/engine``, ``POST /sim/reset``.
+Test helpers (:mod:`backends.testing_routes`): ``/echo``, ``/stream``, ``/sleep``,
+``/status/{code}``.
 Faults (:mod:`backends.faults`: ``hang``, ``error_rate``) apply to the model endpoints and the
 test helpers, never to the operations endpoints.
 """
@@ -32,8 +36,8 @@ from typing import Any
 
 from aiohttp import web
 
-from backends import testing_routes
-from backends.engine import Engine, EngineConfig, render_metrics
+from backends import sim_ops, testing_routes
+from backends.engine import Engine, EngineConfig
 from backends.faults import ChunkSender, Faults, StreamDropped
 from backends.openai_api import (
     CompletionShape,
@@ -43,6 +47,7 @@ from backends.openai_api import (
     sse,
 )
 from backends.sim_flags import parse_args, start_knobs
+from backends.sim_ops import OPS_HOST
 from backends.testing_routes import HELPER_HOST
 
 __all__ = ["Faults", "SimServer", "main", "parse_args", "serve", "start_sim"]
@@ -52,7 +57,6 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 FAULTABLE_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", *(r.path for r in testing_routes.ROUTES)}
 )
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def token_text(index: int) -> str:
@@ -134,6 +138,12 @@ class SimServer:
             "prompt_tokens_total": e.prompt_tokens_total,
             "generation_tokens_total": e.generation_tokens_total,
             "kv_cache_usage": e.kv_cache_usage,
+            "prefix_cache_query_tokens": e.prefix_cache_queries_total,
+            "prefix_cache_hit_tokens": e.prefix_cache_hits_total,
+            "prefix_cache_blocks": len(e.prefix_cache),
+            "prefix_cache_capacity_blocks": e.prefix_cache.capacity_blocks,
+            "last_prefill_ms": e.last_prefill_ms,
+            "prefill_ms_total": e.prefill_ms_total,
             "faults": self.faults.as_dict(),
             "engine": dataclasses.asdict(e.config),
         }
@@ -142,7 +152,8 @@ class SimServer:
         """Bind the listener (on ``port``, or an ephemeral one for 0) and start serving."""
         app = web.Application(middlewares=[_count_and_fault], client_max_size=MAX_BODY_BYTES)
         app[SIM] = self
-        app[HELPER_HOST] = self  # the same server, as testing_routes sees it
+        app[OPS_HOST] = self  # the same server, as sim_ops sees it
+        app[HELPER_HOST] = self  # and as testing_routes sees it
         app.on_response_prepare.append(_tag_instance)
         app.router.add_routes(ROUTES)
         self._runner = web.AppRunner(
@@ -188,6 +199,12 @@ class SimServer:
             self.errors_injected += 1
             return openai_error(f.error_status, f"simulated failure ({self.name})")
         return None
+
+    def reset_counters(self) -> None:
+        """Zero the request and fault counters and the engine's (not its prefix cache)."""
+        self.engine.reset_counters()
+        self.requests_by_path.clear()
+        self.errors_injected = self.streams_dropped = 0
 
     def abort_stream(self, request: web.Request) -> None:
         """Cut ``request``'s connection at once (the drop fault) and count it."""
@@ -266,7 +283,7 @@ async def _completion(request: web.Request, *, chat: bool) -> web.StreamResponse
         return openai_error(400, str(exc))
     shape = CompletionShape(req, sim.model)
     if not req.stream:
-        async with sim.engine.admit(req.prompt_tokens) as seq:
+        async with sim.engine.admit(req.tokens) as seq:
             text = "".join([token_text(await seq.next_token()) for _ in range(req.max_tokens)])
             seq.finish()
         return web.json_response(shape.full(text, req.max_tokens))
@@ -278,7 +295,7 @@ async def _completion(request: web.Request, *, chat: bool) -> web.StreamResponse
     await resp.prepare(request)
     sender = ChunkSender(resp, sim.faults)
     try:
-        async with sim.engine.admit(req.prompt_tokens) as seq:
+        async with sim.engine.admit(req.tokens) as seq:
             for _ in range(req.max_tokens):
                 index = await seq.next_token()
                 await sender.send(sse(shape.chunk(token_text(index), first=index == 0)))
@@ -316,77 +333,11 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [card]})
 
 
-async def health(request: web.Request) -> web.Response:
-    f = request.app[SIM].faults
-    if f.hang or f.unhealthy:
-        return web.json_response({"status": "unhealthy"}, status=503)
-    return web.json_response({"status": "ok"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    sim = request.app[SIM]
-    body = render_metrics(sim.engine, sim.model).encode()
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-
-async def sim_stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SIM].stats)
-
-
-async def sim_faults(request: web.Request) -> web.Response:
-    """GET: the fault knobs. POST: change some; ``refuse_for_ms`` refuses, then re-opens."""
-    sim = request.app[SIM]
-    if request.method == "POST":
-        try:
-            changes = await read_json(request)
-            if not isinstance(changes, dict):
-                raise ValueError("body must be a JSON object")
-            refuse_for_ms = changes.pop("refuse_for_ms", None)
-            if refuse_for_ms is not None:
-                if isinstance(refuse_for_ms, bool) or not isinstance(refuse_for_ms, int | float):
-                    raise ValueError("refuse_for_ms must be a number")
-                changes["refuse"] = True
-            sim.faults.update(changes)
-        except ValueError as exc:
-            return openai_error(400, str(exc))
-        if "refuse" in changes:  # answer only once the listener follows
-            for_s = None if refuse_for_ms is None else refuse_for_ms / 1000.0
-            await sim.set_refuse(sim.faults.refuse, for_s=for_s)
-    return web.json_response(sim.faults.as_dict())
-
-
-async def sim_engine(request: web.Request) -> web.Response:
-    """GET: the engine knobs. POST: change some of them."""
-    sim = request.app[SIM]
-    if request.method == "POST":
-        try:
-            changes = await read_json(request)
-            if not isinstance(changes, dict):
-                raise ValueError("body must be a JSON object")
-            sim.engine.reconfigure(**changes)
-        except (ValueError, TypeError) as exc:
-            return openai_error(400, str(exc))
-    return web.json_response(dataclasses.asdict(sim.engine.config))
-
-
-async def sim_reset(request: web.Request) -> web.Response:
-    sim = request.app[SIM]
-    sim.engine.reset_counters()
-    sim.requests_by_path.clear()
-    sim.errors_injected = sim.streams_dropped = 0
-    return web.json_response(sim.stats)
-
-
 ROUTES = [
     web.post("/v1/chat/completions", chat_completions),
     web.post("/v1/completions", completions),
     web.get("/v1/models", models),
-    web.get("/health", health),
-    web.get("/metrics", metrics),
-    web.get("/sim/stats", sim_stats),
-    web.route("*", "/sim/faults", sim_faults),
-    web.route("*", "/sim/engine", sim_engine),
-    web.post("/sim/reset", sim_reset),
+    *sim_ops.ROUTES,
     *testing_routes.ROUTES,
 ]
 

@@ -18,7 +18,11 @@ _ENGINE_HELP = {
     "batch_slowdown": "per-token time grows by this fraction per extra running request",
     "speed": "speed multiplier (0.5 = twice the time)",
     "kv_capacity_tokens": "KV-cache capacity in tokens (for the cache-usage gauges)",
+    "block_size": "tokens per prefix-cache block",
+    "cache_capacity_blocks": "prefix-cache capacity in blocks, 0 disables prefix caching",
 }
+# Shown instead of "(default None)" for knobs whose default is worked out from others.
+_DERIVED_DEFAULTS = {"cache_capacity_blocks": "kv_capacity_tokens / block_size"}
 # Fault flags passed to start_sim as knobs; --refuse is applied after start-up instead.
 _FAULT_KNOBS = ("error_rate", "error_status", "hang", "drop_after_chunks", "unhealthy")
 
@@ -48,9 +52,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed for the fault dice (instance i gets seed+i)")
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
+        kind = int if f.default is None else type(f.default)  # optional knobs are ints
+        default = _DERIVED_DEFAULTS.get(f.name, "%(default)s")
         p.add_argument(
-            flag, type=kind, default=f.default, help=f"{_ENGINE_HELP[f.name]} (default %(default)s)"
+            flag, type=kind, default=f.default, help=f"{_ENGINE_HELP[f.name]} (default {default})"
         )
     p.add_argument("--error-rate", type=float, default=0.0, help="probability of an error answer")
     p.add_argument("--error-status", type=int, default=503, help="status of error answers")

@@ -21,6 +21,7 @@ from lb.admin import make_admin_app
 from lb.build import (
     build_pools,
     build_router,
+    configured_models,
     forwarding_settings,
     listener_limits,
     retire_pools,
@@ -30,6 +31,8 @@ from lb.downstream import ClientConnection
 from lb.health import HealthChecker
 from lb.logs import setup_logging
 from lb.metrics import ProxyCollector, ReloadStats, make_registry
+from lb.mirror import Mirrors
+from lb.models_endpoint import ModelsEndpoint
 from lb.pool import Pool
 from lb.proxy import Proxy
 
@@ -76,6 +79,7 @@ class App:
             build_router(config, pools), pools, limits, forwarding_settings(config), access_log
         )
         self.proxy = proxy
+        self._install_inference_features(config)
         self._start_health_checks(config, pools)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -109,6 +113,19 @@ class App:
             if config.admin.enabled
             else "(disabled)",
         )
+
+    def _install_inference_features(self, config: Config) -> None:
+        """GET /v1/models answered by the proxy when models are named; mirroring."""
+        proxy = self.proxy
+        assert proxy is not None
+        configured = configured_models(config)
+        if any(configured.values()):
+            if proxy.models is None:
+                proxy.models = ModelsEndpoint(configured, lambda: proxy.pools)
+            else:
+                proxy.models.configured = configured
+        if proxy.mirrors is None and any(r.mirror is not None for r in config.routes):
+            proxy.mirrors = Mirrors()
 
     def admin_token(self) -> str | None:
         """The bearer token admin calls that change something must carry (None: open)."""
@@ -148,6 +165,7 @@ class App:
         old_pools, old_checkers = proxy.pools, self.health_checkers
         proxy.swap(router, pools)
         proxy.settings = forwarding_settings(config)
+        self._install_inference_features(config)
         proxy.access_log.enabled = config.access_log.enabled
         proxy.access_log.sample_rate = config.access_log.sample_rate
         new_limits = listener_limits(config)
@@ -198,6 +216,10 @@ class App:
         for conn in list(proxy.connections):
             conn.abort()
         proxy.access_log.flush()
+        if proxy.models is not None:
+            await proxy.models.close()
+        if proxy.mirrors is not None:
+            await proxy.mirrors.close()
         for checker in self.health_checkers.values():
             await checker.stop()
         for pool in proxy.pools.values():

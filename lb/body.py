@@ -8,6 +8,7 @@ fresh connection; a larger body is streamed through without a copy and cannot be
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -24,9 +25,11 @@ class RequestBody:
 
     __slots__ = (
         "_chunks",
+        "_collect_limit",
         "_holding",
         "_on_hold",
         "_sent_any",
+        "_waiter",
         "chunked",
         "complete",
         "hold_bytes",
@@ -61,6 +64,8 @@ class RequestBody:
         self._on_hold = on_hold
         self._sent_any = False
         self._holding = False
+        self._collect_limit = 0  # while collecting: hold up to this instead of hold_bytes
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def sent_any(self) -> bool:
@@ -91,9 +96,11 @@ class RequestBody:
         self._chunks.append(data)
         if self.replayable and self.size > self.replay_bytes:
             self.replayable = False
-        if self.size > self.hold_bytes and not self._holding and self._on_hold is not None:
+        hold = self._collect_limit or self.hold_bytes
+        if self.size > hold and not self._holding and self._on_hold is not None:
             self._holding = True
             self._on_hold(True)
+            self._wake()  # a collector over its limit gives up
 
     def finish(self, trailers: Headers) -> None:
         """The client's message is complete."""
@@ -101,6 +108,33 @@ class RequestBody:
         self.trailers = trailers
         if self.sink is not None and self.chunked:
             self.sink.write(last_chunk(trailers))
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def collect(self, limit: int) -> bytes:
+        """Wait for the whole body and return it; it stays held, to be forwarded as it came.
+
+        Raises :class:`BodyTooLarge` when the body is larger than ``limit``: a body that
+        must be read before routing is held in memory whole, so it is bounded separately.
+        """
+        self._collect_limit = limit
+        if self._holding and self.size <= limit and self._on_hold is not None:
+            self._holding = False
+            self._on_hold(False)  # reading resumes: the whole body is wanted now
+        while not self.complete and self.size <= limit:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self._waiter = None
+        if self.size > limit:
+            raise BodyTooLarge(
+                f"request body over {limit} bytes cannot be read for routing "
+                "(limits.max_inspect_bytes)"
+            )
+        return b"".join(self._chunks)
 
     def attach(self, sink: BodyWriter) -> bytes:
         """Make ``sink`` the destination; returns the held bytes (framed) to write first."""
@@ -121,6 +155,10 @@ class RequestBody:
             if self._on_hold is not None:
                 self._on_hold(False)
         return out
+
+    def held(self) -> bytes:
+        """Every byte received so far, while the body is ``replayable`` (else a part)."""
+        return b"".join(self._chunks)
 
     def detach(self) -> None:
         self.sink = None

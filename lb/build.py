@@ -59,6 +59,13 @@ def build_pools(
         except ValueError as exc:
             problems.append((f"pools[{i}].strategy", str(exc)))
             continue
+        shadow = None
+        if pc.shadow_strategy is not None:
+            try:
+                shadow = build_strategy(pc.shadow_strategy, backends)
+            except ValueError as exc:
+                problems.append((f"pools[{i}].shadow_strategy", str(exc)))
+                continue
         upstreams = {
             b: prev.upstreams[b]
             if prev is not None and b in prev.upstreams
@@ -88,6 +95,7 @@ def build_pools(
             panic_threshold=pc.panic_threshold_percent / 100.0,
             slow_start_s=pc.slow_start_s,
             stats=prev.stats if prev is not None else None,
+            shadow_strategy=shadow,
         )
         if prev is not None:
             if prev.queue is not None and pool.queue is not None:
@@ -119,20 +127,39 @@ def retire_pools(old: Mapping[str, Pool], new: Mapping[str, Pool]) -> None:
 
 
 def build_router(config: Config, pools: dict[str, Pool]) -> Router:
-    routes = [
-        Route(
-            pool=pools[rc.pool],
-            path_prefix=rc.path_prefix.encode(),
-            headers=tuple((k.encode(), v.encode()) for k, v in rc.headers.items()),
-            methods=frozenset(m.encode() for m in rc.methods) if rc.methods else None,
-            retry=RetryPolicy.from_config(rc.retry) if rc.retry is not None else None,
-            auth=ClientKeys(client_api_keys(rc.auth), forward_key=rc.auth.forward_key)
-            if rc.auth is not None
-            else None,
+    routes = []
+    for rc in config.routes:
+        split = tuple((pools[t.pool], t.weight) for t in rc.split or [])
+        primary = pools[rc.pool] if rc.pool is not None else split[0][0]
+        routes.append(
+            Route(
+                pool=primary,
+                path_prefix=rc.path_prefix.encode(),
+                headers=tuple((k.encode(), v.encode()) for k, v in rc.headers.items()),
+                methods=frozenset(m.encode() for m in rc.methods) if rc.methods else None,
+                retry=RetryPolicy.from_config(rc.retry) if rc.retry is not None else None,
+                auth=ClientKeys(client_api_keys(rc.auth), forward_key=rc.auth.forward_key)
+                if rc.auth is not None
+                else None,
+                models=frozenset(rc.model) if rc.model is not None else None,
+                split=split,
+                mirror=pools[rc.mirror.pool] if rc.mirror is not None else None,
+                mirror_share=rc.mirror.percent / 100.0 if rc.mirror is not None else 0.0,
+            )
         )
-        for rc in config.routes
-    ]
     return Router(routes, default=pools[config.pools[0].name])
+
+
+def configured_models(config: Config) -> dict[str, list[str]]:
+    """The models each pool serves by the configuration: its ``models`` and route matchers."""
+    models: dict[str, list[str]] = {p.name: list(p.models) for p in config.pools}
+    for route in config.routes:
+        targets = [route.pool] if route.pool is not None else [t.pool for t in route.split or []]
+        for name in targets:
+            for model in route.model or []:
+                if model not in models[name]:
+                    models[name].append(model)
+    return models
 
 
 def replay_bytes(config: Config) -> int:
@@ -155,6 +182,7 @@ def listener_limits(config: Config) -> ListenerLimits:
         keepalive_timeout_s=lim.keepalive_timeout_s,
         replay_bytes=replay_bytes(config),
         max_connections=lim.max_connections,
+        max_inspect_bytes=lim.max_inspect_bytes,
         request_id_header=config.headers.request_id_header.lower().encode(),
     )
 
@@ -165,4 +193,5 @@ def forwarding_settings(config: Config) -> ForwardingSettings:
         backend_header=h.backend_header.lower().encode() if h.backend_header else None,
         request_id_header=h.request_id_header.lower().encode(),
         forwarded=h.forwarded,
+        decision_header=h.decision_header.lower().encode() if h.decision_header else None,
     )

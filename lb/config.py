@@ -164,10 +164,15 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
                 )
             by_url.setdefault(address, j)
             by_name.setdefault(name, j)
+    known = ", ".join(pool_names)
     for i, route in enumerate(config.routes):
-        if route.pool not in pool_names:
-            known = ", ".join(pool_names)
-            problems.append((f"routes[{i}].pool", f"no pool named {route.pool!r} (pools: {known})"))
+        where = [("pool", route.pool)] if route.pool is not None else []
+        where += [(f"split[{j}].pool", t.pool) for j, t in enumerate(route.split or [])]
+        if route.mirror is not None:
+            where.append(("mirror.pool", route.mirror.pool))
+        for key, name in where:
+            if name not in pool_names:
+                problems.append((f"routes[{i}].{key}", f"no pool named {name!r} (pools: {known})"))
     admin, listen = config.admin, config.listen
     if admin.enabled and admin.host not in LOOPBACK_HOSTS and not admin_token(config):
         problems.append(

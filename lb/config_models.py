@@ -89,6 +89,11 @@ class Limits(BaseModel):
     max_connections: int = Field(
         default=10000, ge=1, description="Most client connections open at once."
     )
+    max_inspect_bytes: int = Field(
+        default=8 << 20,
+        ge=1024,
+        description="Largest body read whole before routing (model routes, prompt affinity).",
+    )
 
 
 class Upstream(BaseModel):
@@ -121,8 +126,13 @@ class Headers(BaseModel):
     forwarded: bool = Field(
         default=True, description="Set X-Forwarded-For, X-Forwarded-Proto and X-Forwarded-Host."
     )
+    decision_header: str | None = Field(
+        default="x-lb-decision",
+        description="Response header saying which strategy chose the backend and why; "
+        "null or empty turns it off.",
+    )
 
-    @field_validator("backend_header")
+    @field_validator("backend_header", "decision_header")
     @classmethod
     def _empty_is_off(cls, value: str | None) -> str | None:
         return value or None
@@ -245,6 +255,34 @@ class PoolConfig(BaseModel):
     slow_start_s: float = Field(
         default=0.0, ge=0, description="A backend that comes back ramps its weight up over this."
     )
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models this pool serves, for GET /v1/models; empty: ask the backends.",
+    )
+    shadow_strategy: str | None = Field(
+        default=None,
+        description="A strategy computed beside the real one, to count how often they agree.",
+    )
+
+
+class SplitTarget(BaseModel):
+    """One pool of a traffic split and its share."""
+
+    model_config = _Model
+
+    pool: str = Field(description="Pool name.")
+    weight: int = Field(ge=0, le=10000, description="Relative share of the route's requests.")
+
+
+class Mirror(BaseModel):
+    """A shadow pool that gets a copy of a share of a route's requests."""
+
+    model_config = _Model
+
+    pool: str = Field(description="The shadow pool; its answers are read and dropped.")
+    percent: float = Field(
+        default=100.0, gt=0, le=100, description="Share of requests copied, in percent."
+    )
 
 
 class RouteConfig(BaseModel):
@@ -252,7 +290,17 @@ class RouteConfig(BaseModel):
 
     model_config = _Model
 
-    pool: str = Field(description="Name of the pool that serves matching requests.")
+    pool: str | None = Field(
+        default=None, description="Name of the pool that serves matching requests."
+    )
+    split: list[SplitTarget] | None = Field(
+        default=None,
+        min_length=1,
+        description="Instead of `pool`: share requests between pools by weight (a canary).",
+    )
+    mirror: Mirror | None = Field(
+        default=None, description="Copy a share of requests to a shadow pool."
+    )
     path_prefix: str = Field(default="/", description="Matches paths starting with this.")
     headers: dict[str, str] = Field(
         default_factory=dict,
@@ -267,6 +315,31 @@ class RouteConfig(BaseModel):
     auth: ClientAuth | None = Field(
         default=None, description="Client API keys this route requires."
     )
+    model: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Matches requests whose JSON body names one of these models.",
+    )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _one_model(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _pool_or_split(self) -> RouteConfig:
+        if (self.pool is None) == (self.split is None):
+            raise ValueError("a route needs exactly one of `pool` or `split`")
+        if self.split is not None and not any(t.weight for t in self.split):
+            raise ValueError("split weights are all 0")
+        return self
+
+    def pools(self) -> list[str]:
+        """Every pool this route sends to (primary, split and mirror)."""
+        names = [self.pool] if self.pool is not None else [t.pool for t in self.split or []]
+        if self.mirror is not None:
+            names.append(self.mirror.pool)
+        return names
 
     @field_validator("path_prefix")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class ListenerLimits:
     keepalive_timeout_s: float = 75.0
     replay_bytes: int = 1 << 20
     max_connections: int = 10000
+    max_inspect_bytes: int = 8 << 20
     request_id_header: bytes = b"x-request-id"
 
 
@@ -62,6 +64,7 @@ class IncomingRequest:
         "bytes_out",
         "chunked",
         "content_length",
+        "decision",
         "expect_continue",
         "headers",
         "host",
@@ -97,6 +100,7 @@ class IncomingRequest:
         self.bytes_out = 0  # response bytes written to the client
         self.attempts = 0
         self.backend_name: str | None = None  # the backend of the last attempt
+        self.decision = ""  # "strategy: why", for the decision header
 
     @property
     def path(self) -> bytes:
@@ -232,7 +236,7 @@ class ClientConnection(asyncio.Protocol):
         req = self._parsing
         assert req is not None
         self._headers_done = True
-        req.started_s = self.loop.time()
+        req.started_s = time.monotonic()  # not loop.time(): uvloop caches it per iteration, in ms
         parser = self._parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()
@@ -346,20 +350,36 @@ class ClientConnection(asyncio.Protocol):
         if req is not None and req.response_started:
             self.abort()
             return
-        body = error_body(err)
+        keep_ok = err.status in (401, 404, 429, 502, 503, 504)
+        self.answer(req, err.status, error_body(err), extra=err.headers, keep_ok=keep_ok)
+
+    def answer(
+        self,
+        req: IncomingRequest | None,
+        status: int,
+        body: bytes,
+        *,
+        content_type: bytes = b"application/json",
+        extra: list[bytes] | None = None,
+        keep_ok: bool = True,
+    ) -> None:
+        """Answer with a complete response the proxy makes itself (an error, /v1/models)."""
+        if self.closed:
+            return
         keep = (
-            req is not None
+            keep_ok
+            and req is not None
             and req.keep_alive
             and req.body.complete
-            and err.status in (401, 404, 429, 502, 503, 504)
             and not self.handler.draining
         )
         head = [
-            status_line(err.status),
-            b"content-type: application/json\r\n",
+            status_line(status),
+            b"content-type: " + content_type + b"\r\n",
             b"content-length: %d\r\n" % len(body),
         ]
-        head.extend(err.headers)
+        if extra:
+            head.extend(extra)
         if req is not None and req.request_id is not None:
             head.append(self.limits.request_id_header + b": " + req.request_id + b"\r\n")
         if not keep:
@@ -369,10 +389,10 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(data)
         if req is not None:
             req.bytes_out += len(data)
-            req.ttfb_s = self.loop.time() - req.started_s
+            req.ttfb_s = time.monotonic() - req.started_s
             req.response_started = True
             req.response_reusable = keep
-            req.status = err.status
+            req.status = status
 
     def close_if_idle(self) -> None:
         """Close the connection unless a request is being read or answered (used on drain)."""

@@ -32,6 +32,18 @@ class NoRoute(ProxyError):
     type = "no_route"
 
 
+class ModelNotFound(ProxyError):
+    """No route serves the model a request named; answered in the OpenAI error shape."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or is not served here.")
+        self.model = model
+
+
 class RequestTimeout(ProxyError):
     status = 408
     type = "request_timeout"
@@ -106,8 +118,13 @@ class UpstreamTimeout(UpstreamError):
 
 
 def error_body(err: ProxyError) -> bytes:
-    """The stable JSON error shape: ``{"error": {"type", "message", "pool"}}``."""
-    return json.dumps(
-        {"error": {"type": err.type, "message": err.message, "pool": err.pool}},
-        separators=(",", ":"),
-    ).encode()
+    """The stable JSON error shape: ``{"error": {"type", "message", "pool"}}``.
+
+    A model that is not served also carries OpenAI's ``code`` and ``param``, so OpenAI SDKs
+    raise their usual NotFoundError.
+    """
+    error: dict[str, object] = {"type": err.type, "message": err.message, "pool": err.pool}
+    if isinstance(err, ModelNotFound):
+        error["code"] = err.code
+        error["param"] = "model"
+    return json.dumps({"error": error}, separators=(",", ":")).encode()

@@ -142,7 +142,7 @@ class Exchange:
         req.response_started = True
         req.response_reusable = keep
         req.status = status
-        req.ttfb_s = self.loop.time() - req.started_s
+        req.ttfb_s = time.monotonic() - req.started_s
         if framing == FRAMING_NONE:
             self._chunked = False
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from lb.http1 import HOP_BY_HOP, Headers, connection_tokens, status_line
 
 _STRIP_FROM_REQUEST = HOP_BY_HOP | {b"expect", b"content-length"}
+# What a copy made by another HTTP client must not carry over (it frames its own body).
+HOP_BY_HOP_REQUEST = _STRIP_FROM_REQUEST | {b"host"}
 _STRIP_FROM_RESPONSE = HOP_BY_HOP
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 
@@ -33,6 +35,7 @@ class ForwardingSettings:
     backend_header: bytes | None = b"x-lb-backend"
     request_id_header: bytes = b"x-request-id"
     forwarded: bool = True
+    decision_header: bytes | None = b"x-lb-decision"
 
 
 def _has_connection_header(headers: Headers) -> bool:

@@ -60,10 +60,12 @@ class Pool:
         slow_start_s: float = 0.0,
         stats: PoolStats | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shadow_strategy: Strategy | None = None,
     ) -> None:
         self.name = name
         self.backends = tuple(backends)
         self.strategy = strategy
+        self.shadow_strategy = shadow_strategy  # computed beside, to compare (never used)
         self.upstreams = upstreams
         self.timeouts = timeouts
         self.rtt_decay_s = rtt_decay_s  # the latency estimate's decay, shared with the strategy

@@ -19,6 +19,7 @@ from lb.access_log import AccessLogger
 from lb.backend import Backend
 from lb.downstream import ClientConnection, IncomingRequest, ListenerLimits
 from lb.errors import (
+    BadRequest,
     NoBackendAvailable,
     ProxyError,
     UpstreamError,
@@ -28,10 +29,13 @@ from lb.errors import (
 from lb.exchange import Exchange
 from lb.forwarding import ForwardingSettings, new_request_id, request_head
 from lb.load import Attempt
+from lb.mirror import Mirrors
+from lb.models_endpoint import ModelsEndpoint
+from lb.openai_body import parse_body
 from lb.pool import Pool
 from lb.retry import RetryPolicy, retry_reason
 from lb.router import Route, Router
-from lb.stats import ErrorRecord
+from lb.stats import Decision, ErrorRecord
 from lb.strategies import RequestInfo
 
 log = logging.getLogger("lb.proxy")
@@ -55,6 +59,8 @@ class Proxy:
         self.connections: set[ClientConnection] = set()
         self.active_requests = 0
         self.rng = random.Random()
+        self.models: ModelsEndpoint | None = None  # answers GET /v1/models when configured
+        self.mirrors: Mirrors | None = None
         self.idle = asyncio.Event()  # set while draining once no request is in flight
 
     def swap(self, router: Router, pools: dict[str, Pool]) -> None:
@@ -70,13 +76,17 @@ class Proxy:
         if req.request_id is None:
             req.request_id = new_request_id()
         try:
-            route = self.router.match(req)
-            pool = route.pool
+            if self.models is not None and self.models.answers(req):
+                await self.models.answer(client, req)
+                return
+            route, pool, info = await self._route(req)
             if route.auth is not None:
                 route.auth.check(req)
+            if route.mirror is not None and self.mirrors is not None:
+                self.mirrors.maybe_mirror(route, req, info)
             pool.budget.requests += 1
             try:
-                await self._forward(client, req, route)
+                await self._forward(client, req, route, pool, info)
             finally:
                 pool.budget.requests -= 1
         except ProxyError as err:
@@ -99,7 +109,7 @@ class Proxy:
             self.active_requests -= 1
             if not self.active_requests and self.draining:
                 self.idle.set()
-            duration_s = client.loop.time() - req.started_s
+            duration_s = time.monotonic() - req.started_s
             if pool is not None:
                 stats = pool.stats
                 stats.responses_by_class[min(req.status // 100, 5)] += 1
@@ -145,17 +155,52 @@ class Proxy:
             )
         )
 
-    async def _forward(self, client: ClientConnection, req: IncomingRequest, route: Route) -> None:
+    async def _route(self, req: IncomingRequest) -> tuple[Route, Pool, RequestInfo]:
+        """The route and pool for ``req``, reading its body first when routing needs it."""
+        info = RequestInfo(
+            method=req.method.decode(), path=req.path.decode(errors="replace"), headers=req.headers
+        )
+        has_body = req.chunked or bool(req.content_length)
+        router = self.router
+        if has_body and router.needs_model(req):
+            await self._read_body_fields(req, info, strict=True)
+        route = router.match(req, info.model)
+        pool = route.choose_pool(self.rng)
+        if has_body and pool.strategy.needs_body and info.prompt is None and info.model is None:
+            await self._read_body_fields(req, info, strict=False)
+        return route, pool, info
+
+    async def _read_body_fields(
+        self, req: IncomingRequest, info: RequestInfo, *, strict: bool
+    ) -> None:
+        """Fill ``info`` from the JSON body; ``strict``: a body that is not JSON is a 400."""
+        data = await req.body.collect(self.limits.max_inspect_bytes)
+        try:
+            fields = parse_body(data)
+        except ValueError as exc:
+            if strict:
+                raise BadRequest(f"{exc}; this route needs the request's model") from None
+            return
+        info.model = fields.model
+        info.user = fields.user
+        info.prompt = fields.prompt
+
+    async def _forward(
+        self,
+        client: ClientConnection,
+        req: IncomingRequest,
+        route: Route,
+        pool: Pool,
+        info: RequestInfo,
+    ) -> None:
         """Attempts until one answers, retrying what the route's policy allows."""
-        pool = route.pool
-        policy = route.retry_policy
-        info = RequestInfo(method=req.method.decode(), path=req.path.decode(errors="replace"))
+        policy = route.retry_policy(pool)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + policy.deadline_s if policy.deadline_s is not None else None
         tried: list[Backend] = []
         retries = 0
         while True:
-            backend = await self._choose(pool, tried, info)
+            backend = await self._choose(req, pool, tried, info)
             tried.append(backend)
             # A retried status is read and dropped, so it is only swallowed when a retry is
             # sure to be allowed; other failures are judged once they happen.
@@ -206,7 +251,9 @@ class Proxy:
         body = req.body
         return body.can_replay and (not body.sent_any or body.size <= policy.replay_max_bytes)
 
-    async def _choose(self, pool: Pool, tried: list[Backend], info: RequestInfo) -> Backend:
+    async def _choose(
+        self, req: IncomingRequest, pool: Pool, tried: list[Backend], info: RequestInfo
+    ) -> Backend:
         """A backend for the next attempt: an untried one if any, else any eligible one;
         waits in the pool's queue while every eligible backend is full."""
         queue = pool.queue
@@ -217,9 +264,23 @@ class Proxy:
                 candidates = pool.candidates(())  # every backend was tried: retry on any
             # First come, first served: a newcomer queues behind requests already waiting.
             if candidates and (queue is None or woken or tried or not queue):
-                if len(candidates) == 1:
-                    return candidates[0]
-                return pool.strategy.pick(candidates, info)
+                strategy = pool.strategy
+                backend = candidates[0] if len(candidates) == 1 else strategy.pick(candidates, info)
+                if self.settings.decision_header is not None:
+                    reason = f"{strategy.name}: {strategy.explain(backend, info)}"
+                    req.decision = reason
+                    pool.stats.decisions.append(
+                        Decision(
+                            time.time(),
+                            (req.request_id or b"").decode("latin-1"),
+                            backend.name,
+                            reason,
+                        )
+                    )
+                shadow = pool.shadow_strategy
+                if shadow is not None and not tried:
+                    pool.stats.count_shadow(shadow.pick(candidates, info) is backend)
+                return backend
             if queue is None or not pool.eligible:
                 raise NoBackendAvailable(f"no available backend in pool {pool.name}")
             await queue.wait(front=woken)
@@ -257,7 +318,7 @@ class Proxy:
                     req,
                     conn,
                     attempt,
-                    extra_headers=pool.backend_lines[backend] + self._request_id_line(req),
+                    extra_headers=pool.backend_lines[backend] + self._extra_lines(req),
                     settings=self.settings,
                     headers_timeout_s=headers_timeout_s,
                     idle_timeout_s=timeouts.idle_s,
@@ -303,6 +364,11 @@ class Proxy:
             settings=self.settings,
         )
 
-    def _request_id_line(self, req: IncomingRequest) -> bytes:
+    def _extra_lines(self, req: IncomingRequest) -> bytes:
+        """Response header lines the proxy adds: the request id, and why this backend."""
         assert req.request_id is not None
-        return b"%s: %s\r\n" % (self.settings.request_id_header, req.request_id)
+        settings = self.settings
+        line = b"%s: %s\r\n" % (settings.request_id_header, req.request_id)
+        if settings.decision_header is not None and req.decision:
+            line += b"%s: %s\r\n" % (settings.decision_header, req.decision.encode())
+        return line

@@ -1,17 +1,20 @@
-"""Routing: which pool a request goes to, by path prefix, headers and method.
+"""Routing: which pool a request goes to, by path prefix, headers, method and model.
 
 Routes are tried in order; the first that matches wins. Without routes, every request goes to
-the first pool. With routes and no match, the request is answered 404.
+the first pool. With routes and no match, the request is answered 404 (in the OpenAI error
+shape when it named a model no route serves). A route may split its requests between pools by
+weight (a canary) and mirror a share of them to a shadow pool.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lb.client_auth import ClientKeys
 from lb.downstream import IncomingRequest
-from lb.errors import NoRoute
+from lb.errors import ModelNotFound, NoRoute
 from lb.pool import Pool
 from lb.retry import RetryPolicy
 
@@ -26,12 +29,29 @@ class Route:
     methods: frozenset[bytes] | None = None
     retry: RetryPolicy | None = None  # overrides the pool's
     auth: ClientKeys | None = None  # client API keys required on this route
+    models: frozenset[str] | None = None  # matches these body models only
+    split: tuple[tuple[Pool, int], ...] = ()  # (pool, weight): chosen per request
+    mirror: Pool | None = None
+    mirror_share: float = 0.0  # 0..1
 
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return self.retry if self.retry is not None else self.pool.retry
+    def retry_policy(self, pool: Pool) -> RetryPolicy:
+        return self.retry if self.retry is not None else pool.retry
+
+    def choose_pool(self, rng: random.Random) -> Pool:
+        """The pool for one request: the route's, or one of its split by weight."""
+        split = self.split
+        if not split:
+            return self.pool
+        total = sum(w for _, w in split)
+        draw = rng.random() * total
+        for pool, weight in split:
+            draw -= weight
+            if draw < 0:
+                return pool
+        return split[-1][0]
 
     def matches(self, req: IncomingRequest) -> bool:
+        """Path, method and headers match (the model is checked separately)."""
         if not req.url.startswith(self.path_prefix):
             return False
         if self.methods is not None and req.method not in self.methods:
@@ -51,11 +71,20 @@ class Router:
     def __init__(self, routes: Sequence[Route], default: Pool) -> None:
         self.routes = tuple(routes)
         self.default = Route(pool=default)
+        self.model_routes = any(r.models is not None for r in self.routes)
 
-    def match(self, req: IncomingRequest) -> Route:
+    def needs_model(self, req: IncomingRequest) -> bool:
+        """True if a route that could take ``req`` matches on the body's model."""
+        if not self.model_routes:
+            return False
+        return any(r.models is not None and r.matches(req) for r in self.routes)
+
+    def match(self, req: IncomingRequest, model: str | None = None) -> Route:
         if not self.routes:
             return self.default
         for route in self.routes:
-            if route.matches(req):
+            if route.matches(req) and (route.models is None or model in route.models):
                 return route
+        if model is not None and self.needs_model(req):
+            raise ModelNotFound(model)
         raise NoRoute(f"no route for {req.method.decode()} {req.path.decode(errors='replace')}")

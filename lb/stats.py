@@ -49,6 +49,17 @@ class ErrorRecord:
 
 
 RECENT_ERRORS = 50
+RECENT_DECISIONS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One routing decision: which backend a request went to, and why."""
+
+    time: float  # Unix time
+    request_id: str
+    backend: str
+    reason: str
 
 
 class PoolStats:
@@ -56,10 +67,13 @@ class PoolStats:
 
     __slots__ = (
         "client_disconnects",
+        "decisions",
         "duration",
         "recent_errors",
         "responses_by_class",
         "retries",
+        "shadow_agree",
+        "shadow_disagree",
         "ttfb",
     )
 
@@ -71,6 +85,15 @@ class PoolStats:
         self.client_disconnects = 0
         self.retries: dict[str, int] = {}  # by reason: connect_error, reset, timeout, a status
         self.recent_errors: deque[ErrorRecord] = deque(maxlen=RECENT_ERRORS)
+        self.decisions: deque[Decision] = deque(maxlen=RECENT_DECISIONS)
+        self.shadow_agree = 0  # the shadow strategy would have chosen the same backend
+        self.shadow_disagree = 0
+
+    def count_shadow(self, agree: bool) -> None:
+        if agree:
+            self.shadow_agree += 1
+        else:
+            self.shadow_disagree += 1
 
     def count_retry(self, reason: str) -> None:
         self.retries[reason] = self.retries.get(reason, 0) + 1

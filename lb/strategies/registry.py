@@ -18,12 +18,23 @@ from typing import Any
 
 from lb.backend import Backend
 from lb.strategies.base import Clock, Strategy
+from lb.strategies.cache_aware import CacheAware
+from lb.strategies.consistent_hash import ConsistentHash
 from lb.strategies.latency_weighted import LatencyWeighted
 from lb.strategies.least_connections import LeastConnections
+from lb.strategies.least_loaded import LeastLoaded
 from lb.strategies.round_robin import RoundRobin
 
 BUILTIN: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RoundRobin, LeastConnections, LatencyWeighted)
+    cls.name: cls
+    for cls in (
+        RoundRobin,
+        LeastConnections,
+        LatencyWeighted,
+        LeastLoaded,
+        ConsistentHash,
+        CacheAware,
+    )
 }
 
 

@@ -89,7 +89,7 @@ def metric(text: str, name: str) -> float:
 async def test_non_stream_chat_completion_reports_usage(
     sim_factory: StartSim, session: aiohttp.ClientSession
 ) -> None:
-    """A non-streaming chat completion returns the tokens and usage with prompt ~ len/4 + 1."""
+    """A non-streaming chat completion returns the tokens, and usage counting len(text) / 4 up."""
     sim = await sim_factory()
     async with session.post(sim.url + CHAT, json=chat_body(5, content="x" * 40)) as resp:
         assert resp.status == 200
@@ -101,7 +101,8 @@ async def test_non_stream_chat_completion_reports_usage(
         "content": "tok0 tok1 tok2 tok3 tok4 ",
     }
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+    # The prompt text is "user: " + 40 characters + "\n": 47 characters, 12 tokens.
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
 
 
 async def test_stream_sends_a_chunk_per_token_as_generated_then_done(
@@ -133,7 +134,7 @@ async def test_stream_with_include_usage_sends_a_usage_chunk_before_done(
         events = await read_events(resp)
     usage_chunk = json.loads(events[-2][1])
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert usage_chunk["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
 
 async def test_requests_beyond_max_batch_wait_in_the_queue(
@@ -185,7 +186,7 @@ async def test_metrics_expose_vllm_names_with_help_type_and_model_label(
         assert f"# HELP {name} " in text
         assert f"# TYPE {name} " in text
         metric(text, name)
-    assert metric(text, "vllm:prompt_tokens_total") == 6.0
+    assert metric(text, "vllm:prompt_tokens_total") == 7.0  # "user: " + 20 + "\n" = 27 chars
     assert metric(text, "vllm:generation_tokens_total") == 4.0
     assert metric(text, "vllm:request_success_total") == 1.0
 

@@ -1,0 +1,87 @@
+"""``GET /v1/models`` answered by the proxy: the union of the models its pools serve.
+
+A pool's models come from its configuration (``models``, and the ``model`` matchers of the
+routes to it); for a pool that names none, from its backends' own ``/v1/models``, asked of
+one available backend and cached for ``CACHE_S``. Active only when some model is named in
+the configuration; otherwise ``/v1/models`` is forwarded like any request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import aiohttp
+
+from lb.downstream import ClientConnection, IncomingRequest
+from lb.pool import Pool
+
+log = logging.getLogger("lb.models")
+
+CACHE_S = 30.0
+FETCH_TIMEOUT_S = 2.0
+
+
+class ModelsEndpoint:
+    """Answers ``GET /v1/models`` from configured and discovered model names."""
+
+    def __init__(
+        self, configured: Mapping[str, list[str]], pools: Callable[[], Mapping[str, Pool]]
+    ) -> None:
+        self.configured = {name: list(models) for name, models in configured.items()}
+        self._pools = pools
+        self._cache: dict[str, tuple[float, list[str]]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def answers(self, req: IncomingRequest) -> bool:
+        return req.method == b"GET" and req.path == b"/v1/models"
+
+    async def answer(self, client: ClientConnection, req: IncomingRequest) -> None:
+        names: dict[str, str] = {}  # model -> owning pool, first wins
+        for pool_name, pool in self._pools().items():
+            models = self.configured.get(pool_name) or await self._discover(pool)
+            for model in models:
+                names.setdefault(model, pool_name)
+        now = int(time.time())
+        body = {
+            "object": "list",
+            "data": [
+                {"id": model, "object": "model", "created": now, "owned_by": f"lb:{pool}"}
+                for model, pool in names.items()
+            ],
+        }
+        client.answer(req, 200, json.dumps(body).encode())
+
+    async def _discover(self, pool: Pool) -> list[str]:
+        cached = self._cache.get(pool.name)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < CACHE_S:
+            return cached[1]
+        models: list[str] = []
+        for backend in pool.eligible[:2]:
+            try:
+                models = await self._fetch(f"{backend.scheme}://{backend.host}:{backend.port}")
+                break
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+                log.debug("pool=%s backend=%s /v1/models failed: %s", pool.name, backend.name, exc)
+        self._cache[pool.name] = (now, models)
+        return models
+
+    async def _fetch(self, base: str) -> list[str]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
+            )
+        async with self._session.get(base + "/v1/models") as resp:
+            resp.raise_for_status()
+            data = await resp.json(content_type=None)
+        return [m["id"] for m in data["data"] if isinstance(m.get("id"), str)]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+            await asyncio.sleep(0)

@@ -1,0 +1,77 @@
+"""Reading an OpenAI-style request body: the model, the user, and the prompt text.
+
+Only what routing needs is taken from the JSON, and the body itself is forwarded byte for byte.
+The prompt is the text of every message in order, each as ``role: content`` on its own line
+(the ``prompt`` of a completion as it is), so prefix-affinity keys cover the whole
+conversation and not only its first message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFields:
+    """The routing-relevant fields of a request body; ``None`` where absent."""
+
+    model: str | None = None
+    user: str | None = None
+    prompt: str | None = None
+    stream: bool = False
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, {"type": "image_url"...}]
+        return "".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def prompt_text(body: dict[str, Any]) -> str | None:
+    """The prompt of a chat (all messages, in order) or a completion request."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        lines = []
+        for message in messages:
+            if isinstance(message, dict):
+                role = message.get("role")
+                role = role if isinstance(role, str) else ""
+                lines.append(f"{role}: {_content_text(message.get('content'))}")
+        return "\n".join(lines)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return " ".join(str(t) for t in prompt)  # token ids: still prefix-stable
+    text = body.get("input")  # embeddings
+    if isinstance(text, str):
+        return text
+    return None
+
+
+def parse_body(data: bytes) -> BodyFields:
+    """The fields of a JSON request body; raises ``ValueError`` if it is not a JSON object."""
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("request body is not a JSON object")
+    model = body.get("model")
+    user = body.get("user")
+    return BodyFields(
+        model=model if isinstance(model, str) else None,
+        user=user if isinstance(user, str) else None,
+        prompt=prompt_text(body),
+        stream=body.get("stream") is True,
+    )
