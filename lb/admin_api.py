@@ -97,7 +97,29 @@ def pool_state(pool: Pool) -> dict[str, Any]:
             for e in reversed(stats.recent_errors)
         ],
         "backends": [backend_state(b, pool) for b in pool.backends],
+        "shadow": {
+            "strategy": pool.shadow_strategy.name,
+            "agree": stats.shadow_agree,
+            "disagree": stats.shadow_disagree,
+        }
+        if pool.shadow_strategy is not None
+        else None,
     }
+
+
+async def get_decisions(request: web.Request) -> web.Response:
+    """The last routing decisions of a pool: which backend, and why."""
+    pool = _pool(request)
+    return web.json_response(
+        {
+            "pool": pool.name,
+            "decisions": [
+                {"time": d.time, "request_id": d.request_id, "backend": d.backend,
+                 "reason": d.reason}
+                for d in reversed(pool.stats.decisions)
+            ],
+        }
+    )  # fmt: skip
 
 
 def redact(node: Any) -> Any:
@@ -249,6 +271,7 @@ def add_routes(app: web.Application, control: Control) -> None:
     r.add_get("/api/v1/state", get_state)
     r.add_get("/api/v1/pools", get_pools)
     r.add_get("/api/v1/pools/{pool}", get_pool)
+    r.add_get("/api/v1/pools/{pool}/decisions", get_decisions)
     r.add_get("/api/v1/routes", get_routes)
     r.add_get("/api/v1/config", get_config)
     base = "/api/v1/pools/{pool}/backends/{backend}"

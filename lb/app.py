@@ -29,6 +29,7 @@ from lb.build import (
 from lb.config import Config, ConfigError, admin_token, host_port, load_config
 from lb.downstream import ClientConnection
 from lb.health import HealthChecker
+from lb.load_report import LoadReporter
 from lb.logs import setup_logging
 from lb.metrics import ProxyCollector, ReloadStats, make_registry
 from lb.mirror import Mirrors
@@ -61,6 +62,7 @@ class App:
         self._server: asyncio.AbstractServer | None = None
         self._admin: web.AppRunner | None = None
         self.health_checkers: dict[str, HealthChecker] = {}
+        self.load_reporters: dict[str, LoadReporter] = {}
         self.reloads = ReloadStats(last_success_epoch_s=time.time())
         self.started_epoch_s = time.time()
         self._stopping = False
@@ -96,6 +98,7 @@ class App:
                     lambda: proxy.pools,
                     lambda: len(proxy.connections),
                     health=lambda: self.health_checkers,
+                    load_reports=lambda: self.load_reporters,
                     reloads=lambda: self.reloads,
                 )
             )
@@ -136,6 +139,7 @@ class App:
         config: Config,
         pools: dict[str, Pool],
         previous: dict[str, HealthChecker] | None = None,
+        previous_reports: dict[str, LoadReporter] | None = None,
     ) -> None:
         for pc in config.pools:
             pool = pools[pc.name]
@@ -143,6 +147,13 @@ class App:
             checker = HealthChecker(pool.name, pool.backends, pc.health_check, pool, previous=prev)
             checker.start()
             self.health_checkers[pool.name] = checker
+            if pc.load_report.enabled:
+                prev_reporter = (previous_reports or {}).get(pc.name)
+                reporter = LoadReporter(
+                    pool.name, pool.backends, pc.load_report, previous=prev_reporter
+                )
+                reporter.start()
+                self.load_reporters[pool.name] = reporter
 
     async def reload(self) -> bool:
         """Re-read the config file and swap pools, routes and strategies atomically.
@@ -163,6 +174,7 @@ class App:
                 log.error("reload refused, keeping the running config: %s", line)
             return False
         old_pools, old_checkers = proxy.pools, self.health_checkers
+        old_reporters = self.load_reporters
         proxy.swap(router, pools)
         proxy.settings = forwarding_settings(config)
         self._install_inference_features(config)
@@ -173,12 +185,15 @@ class App:
             setattr(proxy.limits, field.name, getattr(new_limits, field.name))
         retire_pools(old_pools, pools)
         self.health_checkers = {}
-        self._start_health_checks(config, pools, old_checkers)
+        self.load_reporters = {}
+        self._start_health_checks(config, pools, old_checkers, old_reporters)
         self.config = config
         self.reloads.succeeded += 1
         self.reloads.last_success_epoch_s = time.time()
         for checker in old_checkers.values():
             await checker.stop()
+        for reporter in old_reporters.values():
+            await reporter.stop()
         log.info(
             "config reloaded from %s: %d pools, %d backends",
             self.source,
@@ -222,6 +237,8 @@ class App:
             await proxy.mirrors.close()
         for checker in self.health_checkers.values():
             await checker.stop()
+        for reporter in self.load_reporters.values():
+            await reporter.stop()
         for pool in proxy.pools.values():
             pool.close()
         if self._admin is not None:

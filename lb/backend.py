@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from lb.stats import Histogram
+from lb.histogram import Histogram
 
 # Peak-EWMA defaults (tower's `load::peak_ewma`, Finagle's `PeakEwma`): the estimate decays
 # towards new samples with time constant `decay_s`, but jumps up to any sample above it at once.

@@ -156,6 +156,14 @@ class RequestBody:
                 self._on_hold(False)
         return out
 
+    def head(self, n: int) -> bytes:
+        """Up to ``n`` first bytes of the body, if they are still held."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        first = chunks[0]
+        return first[:n] if len(first) >= n or len(chunks) == 1 else b"".join(chunks)[:n]
+
     def held(self) -> bytes:
         """Every byte received so far, while the body is ``replayable`` (else a part)."""
         return b"".join(self._chunks)

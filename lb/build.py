@@ -55,7 +55,10 @@ def build_pools(
             backend.max_concurrency = bc.max_concurrency or pool_limit
             backends.append(backend)
         try:
-            strategy = build_strategy(pc.strategy, backends, options=pc.strategy_options)
+            options = dict(pc.strategy_options)
+            if pc.strategy == "least_loaded":
+                options.setdefault("max_age_s", pc.load_report.max_age_s)
+            strategy = build_strategy(pc.strategy, backends, options=options)
         except ValueError as exc:
             problems.append((f"pools[{i}].strategy", str(exc)))
             continue

@@ -173,6 +173,14 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
         for key, name in where:
             if name not in pool_names:
                 problems.append((f"routes[{i}].{key}", f"no pool named {name!r} (pools: {known})"))
+    for i, pool in enumerate(config.pools):
+        if pool.strategy == "least_loaded" and not pool.load_report.enabled:
+            problems.append(
+                (
+                    f"pools[{i}].load_report.enabled",
+                    "least_loaded needs the backends' reported load: set load_report.enabled",
+                )
+            )
     admin, listen = config.admin, config.listen
     if admin.enabled and admin.host not in LOOPBACK_HOSTS and not admin_token(config):
         problems.append(

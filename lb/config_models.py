@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lb.config_load_report import LoadReport
 from lb.config_ops import ClientAuth
 from lb.config_resilience import Admission, HealthCheck, OutlierDetection, Retry
 
@@ -258,6 +259,10 @@ class PoolConfig(BaseModel):
     models: list[str] = Field(
         default_factory=list,
         description="Models this pool serves, for GET /v1/models; empty: ask the backends.",
+    )
+    load_report: LoadReport = Field(
+        default_factory=LoadReport,
+        description="Scrape the backends' own /metrics for the load they report.",
     )
     shadow_strategy: str | None = Field(
         default=None,

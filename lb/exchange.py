@@ -17,6 +17,7 @@ from lb.downstream import ClientConnection, IncomingRequest
 from lb.errors import ProxyError, UpstreamFailed, UpstreamStatus, UpstreamTimeout, error_body
 from lb.forwarding import ForwardingSettings, response_head
 from lb.http1 import Headers, chunk, last_chunk
+from lb.inference import InferenceStats, ResponseMeter
 from lb.load import Attempt
 from lb.retry import parse_retry_after
 from lb.upstream import FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
@@ -33,7 +34,9 @@ class Exchange:
         "_headers",
         "_headers_timeout_s",
         "_idle_s",
+        "_inference",
         "_last_s",
+        "_meter",
         "_out",
         "_retry_statuses",
         "_settings",
@@ -60,6 +63,7 @@ class Exchange:
         headers_timeout_s: float | None,
         idle_timeout_s: float | None,
         retry_statuses: frozenset[int] = frozenset(),
+        inference: InferenceStats | None = None,
     ) -> None:
         self.client = client
         self.req = req
@@ -81,6 +85,8 @@ class Exchange:
         self._retry_statuses = retry_statuses  # answers that are swallowed and retried
         self._discard = False
         self._headers: Headers = []
+        self._inference = inference
+        self._meter: ResponseMeter | None = None
 
     def start(self, head: bytes) -> None:
         """Write the request head and the body held so far; stream the rest as it comes."""
@@ -143,12 +149,28 @@ class Exchange:
         req.response_reusable = keep
         req.status = status
         req.ttfb_s = time.monotonic() - req.started_s
+        if self._inference is not None and 200 <= status < 300:
+            self._meter = self._meter_for(headers)
         if framing == FRAMING_NONE:
             self._chunked = False
+
+    def _meter_for(self, headers: Headers) -> ResponseMeter | None:
+        assert self._inference is not None
+        for name, value in headers:
+            if name.lower() == b"content-type":
+                value = value.lower()
+                if b"event-stream" in value:
+                    return ResponseMeter(self._inference, self.req.started_s, sse=True)
+                if b"json" in value:
+                    return ResponseMeter(self._inference, self.req.started_s, sse=False)
+                return None
+        return None
 
     def on_response_body(self, data: bytes) -> None:
         if not self._discard:
             self._out.append(chunk(data) if self._chunked else data)
+            if self._meter is not None:
+                self._meter.on_body(data)
 
     def on_response_end(self, trailers: Headers) -> None:
         self._ended = True
@@ -157,6 +179,8 @@ class Exchange:
             return
         if self._chunked:
             self._out.append(last_chunk(trailers))
+        if self._meter is not None:
+            self._meter.on_end()
         self._resolve(None)
 
     def _status_error(self) -> UpstreamStatus:

@@ -40,8 +40,8 @@ stays open, asking for an uncompressed body (``Accept-Encoding: identity``: deco
 costs the proxy more CPU than the bytes cost a LAN). A vLLM body is tens of kilobytes, mostly
 histogram buckets; rendering it costs the server a few milliseconds of CPU in its API process.
 Parsing never splits the body into lines: :func:`parse_metrics` finds each wanted name at a
-line start with ``bytes.find`` (C speed) and decodes only those few lines, so a scrape costs
-the proxy's event loop tens of microseconds, not a full parse.
+line start with ``bytes.find`` (C speed) and decodes only those few lines: about 0.15 ms of
+the proxy's event loop for a 170 KB vLLM page with the four vLLM names, not a full parse.
 """
 
 from __future__ import annotations

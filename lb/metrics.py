@@ -7,6 +7,7 @@ what a dashboard shows is what the balancer used.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from lb import __version__
 from lb.health import HealthChecker
+from lb.load_report import LoadReporter
 from lb.pool import Pool
 from lb.stats import Histogram
 
@@ -116,11 +118,13 @@ class ProxyCollector(Collector):
         client_connections: Callable[[], int],
         health: Callable[[], Mapping[str, HealthChecker]] = dict,
         reloads: Callable[[], ReloadStats] | None = None,
+        load_reports: Callable[[], Mapping[str, LoadReporter]] = dict,
     ) -> None:
         self._pools = pools
         self._client_connections = client_connections
         self._health = health
         self._reloads = reloads
+        self._load_reports = load_reports
 
     def collect(self) -> Iterable[Metric]:
         pools = self._pools()
@@ -202,6 +206,8 @@ class ProxyCollector(Collector):
             connects, idle, clients, info,
         )  # fmt: skip
         yield from resilience.families()
+        yield from _inference_families(pools)
+        yield from _load_report_families(pools, self._load_reports())
         yield from self._reload_families()
 
     def _resilience_families(self) -> _Resilience:
@@ -249,6 +255,98 @@ class ProxyCollector(Collector):
         )
         last.add_metric([], r.last_success_epoch_s)
         yield last
+
+
+def _inference_families(pools: Mapping[str, Pool]) -> Iterable[Metric]:
+    ttft = HistogramMetricFamily(
+        "lb_inference_ttft_seconds",
+        "Time to first token: request in to the first SSE data event of a stream.",
+        labels=["pool"],
+    )
+    tbt = HistogramMetricFamily(
+        "lb_inference_tbt_seconds", "Time between tokens (SSE data events) of streams.",
+        labels=["pool"],
+    )  # fmt: skip
+    prompt = CounterMetricFamily(
+        "lb_inference_prompt_tokens", "Prompt tokens, from the responses' usage.",
+        labels=["pool"],
+    )  # fmt: skip
+    completion = CounterMetricFamily(
+        "lb_inference_completion_tokens",
+        "Completion tokens: from usage, or counted as stream chunks when a stream had none.",
+        labels=["pool", "source"],
+    )
+    streams = CounterMetricFamily(
+        "lb_inference_streams", "Streamed (SSE) responses.", labels=["pool"]
+    )
+    by_model = CounterMetricFamily(
+        "lb_inference_requests",
+        "Requests by the model their body named (at most 64 names, then 'other').",
+        labels=["pool", "model"],
+    )
+    shadow = CounterMetricFamily(
+        "lb_shadow_decisions",
+        "Picks of the pool's shadow strategy, by whether they agreed with the real one.",
+        labels=["pool", "agree"],
+    )
+    for name, pool in pools.items():
+        inf = pool.stats.inference
+        ttft.add_metric([name], _histogram_buckets(inf.ttft), inf.ttft.sum)
+        tbt.add_metric([name], _histogram_buckets(inf.tbt), inf.tbt.sum)
+        prompt.add_metric([name], inf.prompt_tokens)
+        completion.add_metric([name, "usage"], inf.completion_tokens)
+        completion.add_metric([name, "chunks"], inf.completion_tokens_estimated)
+        streams.add_metric([name], inf.streams)
+        for model, count in sorted(inf.requests_by_model.items()):
+            by_model.add_metric([name, model], count)
+        if pool.shadow_strategy is not None:
+            shadow.add_metric([name, "true"], pool.stats.shadow_agree)
+            shadow.add_metric([name, "false"], pool.stats.shadow_disagree)
+    return [ttft, tbt, prompt, completion, streams, by_model, shadow]
+
+
+def _load_report_families(
+    pools: Mapping[str, Pool], reporters: Mapping[str, LoadReporter]
+) -> Iterable[Metric]:
+    pb = ["pool", "backend"]
+    scrapes = CounterMetricFamily(
+        "lb_load_report_scrapes", "Scrapes of the backends' own /metrics, by result.",
+        labels=[*pb, "result"],
+    )  # fmt: skip
+    waiting = GaugeMetricFamily(
+        "lb_backend_reported_waiting", "Requests queued, as the backend reports.", labels=pb
+    )
+    running = GaugeMetricFamily(
+        "lb_backend_reported_running", "Requests running, as the backend reports.", labels=pb
+    )
+    kv = GaugeMetricFamily(
+        "lb_backend_reported_kv_usage", "KV-cache usage (0-1), as the backend reports.",
+        labels=pb,
+    )  # fmt: skip
+    age = GaugeMetricFamily(
+        "lb_backend_report_age_seconds", "Age of the backend's last load report.", labels=pb
+    )
+    now = time.monotonic()
+    for name, pool in pools.items():
+        reporter = reporters.get(name)
+        if reporter is None:
+            continue
+        for b in pool.backends:
+            labels = [name, b.name]
+            if reporter.has(b):
+                st = reporter.stats(b)
+                scrapes.add_metric([*labels, "ok"], st.ok_total)
+                scrapes.add_metric([*labels, "failed"], st.failed_total)
+            for family, value in (
+                (waiting, b.reported_waiting),
+                (running, b.reported_running),
+                (kv, b.reported_kv_usage),
+            ):
+                if value is not None:
+                    family.add_metric(labels, value)
+            if b.reported_at_s > 0:
+                age.add_metric(labels, now - b.reported_at_s)
+    return [scrapes, waiting, running, kv, age]
 
 
 def make_registry(collector: ProxyCollector) -> CollectorRegistry:

@@ -140,6 +140,13 @@ def spec() -> dict[str, Any]:
                     "responses": {"200": _json(_REF_POOL), "404": _NOT_FOUND},
                 }
             },
+            "/api/v1/pools/{pool}/decisions": {
+                "get": {
+                    "summary": "The pool's last routing decisions: backend and reason.",
+                    "parameters": [_POOL_PARAM],
+                    "responses": {"200": _json({"type": "object"}), "404": _NOT_FOUND},
+                }
+            },
             "/api/v1/routes": {
                 "get": {
                     "summary": "The routing table.",

@@ -28,6 +28,7 @@ from lb.errors import (
 )
 from lb.exchange import Exchange
 from lb.forwarding import ForwardingSettings, new_request_id, request_head
+from lb.inference import model_in
 from lb.load import Attempt
 from lb.mirror import Mirrors
 from lb.models_endpoint import ModelsEndpoint
@@ -82,6 +83,9 @@ class Proxy:
             route, pool, info = await self._route(req)
             if route.auth is not None:
                 route.auth.check(req)
+            pool.stats.inference.count_model(
+                info.model if info.model is not None else model_in(req.body.head(4096))
+            )
             if route.mirror is not None and self.mirrors is not None:
                 self.mirrors.maybe_mirror(route, req, info)
             pool.budget.requests += 1
@@ -323,6 +327,7 @@ class Proxy:
                     headers_timeout_s=headers_timeout_s,
                     idle_timeout_s=timeouts.idle_s,
                     retry_statuses=retry_statuses,
+                    inference=pool.stats.inference,
                 )
                 exchange.start(self._head(client, req, backend))
                 try:

@@ -6,34 +6,13 @@ Prometheus samples when scraped, so recording a request costs a few list operati
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 
-# Inference requests span milliseconds (an embedding, a cached reply) to minutes (a long
-# generation): buckets from 5 ms to 10 minutes.
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-)  # fmt: skip
+from lb.histogram import LATENCY_BUCKETS_S, Histogram
+from lb.inference import InferenceStats
 
-
-class Histogram:
-    """Bucket counts (non-cumulative, last slot is +Inf), a sum and a count."""
-
-    __slots__ = ("buckets", "counts", "sum")
-
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
+__all__ = ["LATENCY_BUCKETS_S", "Decision", "ErrorRecord", "Histogram", "PoolStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +48,7 @@ class PoolStats:
         "client_disconnects",
         "decisions",
         "duration",
+        "inference",
         "recent_errors",
         "responses_by_class",
         "retries",
@@ -86,6 +66,7 @@ class PoolStats:
         self.retries: dict[str, int] = {}  # by reason: connect_error, reset, timeout, a status
         self.recent_errors: deque[ErrorRecord] = deque(maxlen=RECENT_ERRORS)
         self.decisions: deque[Decision] = deque(maxlen=RECENT_DECISIONS)
+        self.inference = InferenceStats()
         self.shadow_agree = 0  # the shadow strategy would have chosen the same backend
         self.shadow_disagree = 0
 
