@@ -6,22 +6,24 @@ changes. Plain consistent hashing lets one hot key overload its owner; the bound
 caps every backend at a multiple ``c`` of the average load and sends the excess on around the
 ring (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads", SODA 2018,
 arXiv:1608.01350; HAProxy's ``hash-balance-factor``, ``chash_server_is_eligible`` in
-``src/lb_chash.c``; Vimeo's use of it for video caches).
+``src/lb_chash.c``, contributed by Andrew Rodland of Vimeo for its video caches, 2016).
 
 The ring. Each backend gets ``virtual_nodes * weight`` points (option ``virtual_nodes``,
 default 100; ``weight`` the configured weight), at ``H(f"{name}#{i}")``, built once (the
 strategy is rebuilt when the backends change). Points depend on the backend's ``name`` only, so
 adding or removing a backend moves only the keys whose owner it is or becomes, about ``1/n`` of
 them, and every proxy instance computes the same ring. ``H`` is the first 8 bytes of BLAKE2b:
-stable across processes (Python's ``hash()`` of a str is salted per process), uniform (a CRC
-is linear, so similar keys such as numbered session ids land in correlated places), 64 bits
-wide so points practically never collide, and in the standard library, C speed (~1 us).
+stable across processes (Python's ``hash()`` of a str is salted per process); well mixed
+(``zlib.crc32`` is faster but linear over GF(2), so keys a few bits apart, such as numbered
+session ids, get hashes a fixed pattern apart); 64 bits wide, so points practically never
+collide; in the standard library, and well under a microsecond for short keys.
 
 The key (option ``key``, default ``"prompt"``):
 
 - ``"prompt"``: the first ``prefix_tokens`` tokens of the prompt (option, default 256), a token
   taken as 4 characters, so the first ``4 * prefix_tokens`` characters of
-  ``RequestInfo.prompt``;
+  ``RequestInfo.prompt``. Prompts opening with the same long system prompt therefore share
+  a backend (and its prefix cache), and the bound below keeps that from overloading it;
 - ``"user"``: the body's ``user`` field;
 - ``{"header": "x-session-id"}``: that header's value; the body is then not read
   (``needs_body`` is False).
@@ -37,20 +39,24 @@ The bound. Over the candidates, with ``total = sum(in_flight) + 1`` (counting th
     in_flight[b] < ceil(c * total * effective_weight[b] / W)       (c = ``balance_factor``)
 
 With equal weights that is ``ceil(c * average)`` with ``average = total / len(candidates)``,
-the paper's capacity, and no backend ever goes above it. Unequal weights scale each backend's
-share, as HAProxy does (it distributes the rounding remainder exactly; here each bound is
-rounded up). ``c`` (default 1.25) must be at least 1: some candidate is then always under its
-bound, since ``sum(in_flight) < total <= sum(bounds)``.
+the paper's capacity: no backend is given a request that takes it past it. Unequal weights
+scale each backend's share, as HAProxy does (it distributes the rounding remainder exactly;
+here each bound is rounded up). ``c`` (default 1.25) must be at least 1: some candidate is
+then always under its bound, since ``sum(in_flight) < total <= sum(bounds)``.
 
 The walk. The key's owner is the backend of the first point clockwise from ``H(key)`` (bisect).
 If the owner is not a candidate (unhealthy, already tried, full) or is at its bound, the next
 distinct backends clockwise are tried in turn; the first that is a candidate under its bound
-wins. Should none be (only by float rounding), the least-loaded candidate is taken.
+wins. Should none be (only by float rounding), the least-loaded candidate is taken. A single
+candidate is returned without hashing. ``explain`` gives ``hash owner``, ``hash owner
+overloaded, next``, ``hash owner unavailable, next``, ``no key: least loaded``, ``only
+candidate`` or ``all over bound: least loaded``.
 
 Cost per pick: O(n) over the candidates (sum of loads and weights, a set of them), one hash of
 the key (O(key length), at most ``4 * prefix_tokens`` characters), O(log P) for the bisect over
-``P = virtual_nodes * sum(weights)`` points, and O(1) expected ring steps while the owner can
-take the request (about ``n ln n`` steps at worst to meet every backend once).
+``P = virtual_nodes * sum(weights)`` points, and O(1) ring steps while the owner can take the
+request (at most P, about ``n ln n`` expected, to meet every backend once). Measured ad hoc
+(CPython 3.11, 8 backends): ~3.5 us per pick for a short key, ~5 us for a 1,024-character one.
 """
 
 from __future__ import annotations
@@ -192,8 +198,9 @@ class ConsistentHash(Strategy):
         for backend in candidates:
             total += backend.in_flight
             weight_sum += backend.effective_weight
-        # Bound of backend b: ceil(scale * effective_weight[b]), scale = c * total / W.
-        scale = self.balance_factor * total / weight_sum
+        # Bound of backend b: ceil(c * total * effective_weight[b] / W), divided last so that
+        # equal weights give exactly ceil(c * total / n).
+        c_total = self.balance_factor * total
         eligible = set(candidates)
 
         owners = self._owners
@@ -206,7 +213,7 @@ class ConsistentHash(Strategy):
             if backend in seen:
                 continue
             if backend in eligible and backend.in_flight < math.ceil(
-                scale * backend.effective_weight - BOUND_EPSILON
+                c_total * backend.effective_weight / weight_sum - BOUND_EPSILON
             ):
                 self._reason = note
                 return backend

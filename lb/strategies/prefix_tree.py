@@ -2,45 +2,52 @@
 
 One tree is shared by all tenants (backends). Each node holds an edge label ``text`` (never
 empty), its children keyed by their label's first character, and ``tenants``: the tenants that
-were sent a prompt passing through the node, each with the logical time of its last such
-prompt. Invariant: a tenant present at a node is present at every ancestor, so walking down a
-prompt, the set of tenants that share the prefix only shrinks. It is the structure of
-sglang-router's approximate tree (sgl-project/sglang, ``sgl-router/src/policies/tree.rs``),
-written over characters, not tokens, so no tokenizer is needed.
-
-Cost of :meth:`PrefixTree.match` and :meth:`PrefixTree.insert`: one walk down the text,
-O(len(text)) character comparisons done in C by ``str.startswith``, plus, per node on the
-path, O(tenants at the node); a partial match inside a node adds a binary search,
-O(len(label) * log(len(label))) in C. At most two nodes are created per insert (a split and a
-new leaf).
+were sent a text passing through the node. Invariant: a tenant present at a node is present at
+every ancestor, so walking down a text, the tenants sharing the prefix only thin out. It is the
+structure of sglang-router's approximate tree (sgl-project/sglang, ``sgl-router/src/tree.rs``,
+later ``src/policies/tree.rs``), over characters, not tokens, so no tokenizer is needed.
 
 Size. ``tenant_chars[t]`` is the text held for tenant ``t`` (the sum of the labels of the nodes
-it is present at), as sglang counts it; it is what "smallest tree" compares. The budget is kept
-on ``charged_chars``, the same sum plus :data:`ENTRY_OVERHEAD_CHARS` for every (node, tenant)
-entry: the bookkeeping of a node costs hundreds of bytes, so without that charge a stream of
-short, distinct prompts (one tiny node each) could grow memory, and the eviction walk, far past
-what the character budget suggests. :meth:`PrefixTree.evict` removes least recently used leaf
-entries (a tenant at a node where none of the node's children has it) until the charge is at
-most the target; a node that loses its last tenant is unlinked.
+it is present at), as sglang counts it; "smallest tree" compares it. The budget is kept on
+``charged_chars``: the same sum over all tenants plus :data:`ENTRY_OVERHEAD_CHARS` for every
+(node, tenant) entry. A node's bookkeeping costs hundreds of bytes, so without that charge a
+stream of short distinct prompts (a tiny node each) would grow memory far past what a
+character budget suggests.
+
+Recency. Every (node, tenant) entry sits in one ``OrderedDict``, least recently used first. An
+insert touches its path from the leaf up to the root, so a parent's entry is more recent than
+its children's, and the oldest entry is a leaf: :meth:`PrefixTree.evict` pops oldest entries
+until the charge is within the target, in O(1) each, with no walk over the tree (sglang walks
+every node on a timer instead). The one exception is a split: the new lower node copies its
+tenants from the node being split, and those copies are appended as most recent (an
+``OrderedDict`` cannot insert in the middle). So that the invariant holds anyway, evicting an
+entry also evicts that tenant from the node's whole subtree; the copies' real last access is
+their parent's, so that is still least-recently-used order. The only inexactness: a split
+counts as an access for the copied entries.
+
+Cost. :meth:`match` and :meth:`insert` are one walk down the text each: O(len(text))
+character comparisons done in C by ``str.startswith``, plus per node on the path O(tenants at
+the node), and for a partial match inside a label a binary search, O(len(label) *
+log(len(label))) in C. An insert creates at most two nodes and touches O(path) entries.
+Eviction is O(1) per entry removed, so amortised O(path) per insert.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
+from collections import OrderedDict
 from collections.abc import Container, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=Hashable)
 
 # Budget charge, in characters, for one (node, tenant) entry on top of the node's text. A node
-# measures ~400-600 bytes of Python objects (see tests/strategies/test_cache_aware.py), so this
-# undercharges tiny nodes; it bounds the node count at budget / 64 rather than at the budget.
+# measures ~550 bytes of Python objects (test_tree_memory_per_cached_char_is_reported), so this
+# undercharges tiny nodes, but it bounds the entries, hence the nodes, at budget / 64.
 ENTRY_OVERHEAD_CHARS = 64
 
 
 class Node(Generic[T]):
-    """One edge of the tree: its label, children by first character, tenants with last access."""
+    """One edge of the tree: its label, its children by first character, its tenants."""
 
     __slots__ = ("children", "parent", "tenants", "text")
 
@@ -48,7 +55,9 @@ class Node(Generic[T]):
         self.text = text
         self.parent = parent
         self.children: dict[str, Node[T]] = {}
-        self.tenants: dict[T, int] = {}
+        # A dict used as an insertion-ordered set: iterating a set of objects hashed by
+        # address would make tie-breaking, hence seeded tests, differ from run to run.
+        self.tenants: dict[T, None] = {}
 
 
 def common_prefix_len(label: str, text: str, start: int) -> int:
@@ -65,23 +74,25 @@ def common_prefix_len(label: str, text: str, start: int) -> int:
 
 
 class PrefixTree(Generic[T]):
-    """A radix tree of texts sent to tenants; see the module docstring.
+    """A radix tree of the texts sent to each tenant; see the module docstring.
 
-    ``tenant_chars`` and ``charged_chars`` are kept exact by :meth:`insert` and :meth:`evict`.
-    Access times are the integers the caller passes (a logical clock): larger is more recent.
+    ``tenant_chars``, ``charged_chars`` and ``nodes`` (not counting the root) are kept exact
+    by :meth:`insert` and :meth:`evict`.
     """
 
     def __init__(self) -> None:
         self.root: Node[T] = Node("", None)
         self.tenant_chars: dict[T, int] = {}
         self.charged_chars = 0
-        self.nodes = 0  # not counting the root
+        self.nodes = 0
+        # Every (node, tenant) entry, least recently used first.
+        self._lru: OrderedDict[tuple[Node[T], T], None] = OrderedDict()
 
     def match(self, text: str, allowed: Container[T]) -> tuple[int, list[T]]:
         """Return the longest prefix of ``text`` held by a tenant in ``allowed``, and those tenants.
 
-        The length is in characters (0 and an empty list when no allowed tenant shares even the
-        first character). Access times are not changed.
+        The length is in characters; it is 0, with no tenants, when no allowed tenant shares
+        even the first character. Recency is not changed.
         """
         node = self.root
         i = 0
@@ -96,8 +107,7 @@ class PrefixTree(Generic[T]):
             k = len(label) if text.startswith(label, i) else common_prefix_len(label, text, i)
             present = [tenant for tenant in child.tenants if tenant in allowed]
             if not present:
-                # By the invariant no descendant holds an allowed tenant either.
-                break
+                break  # by the invariant, no allowed tenant further down either
             i += k
             best_len = i
             best = present
@@ -106,11 +116,9 @@ class PrefixTree(Generic[T]):
             node = child
         return best_len, best
 
-    def insert(self, text: str, tenant: T, now: int) -> None:
-        """Record that ``text`` was sent to ``tenant`` at logical time ``now``."""
-        tenant_chars = self.tenant_chars
-        added = tenant_chars.get(tenant, 0)
-        entries = 0
+    def insert(self, text: str, tenant: T) -> None:
+        """Record that ``text`` was sent to ``tenant``, as its most recent use."""
+        path: list[Node[T]] = []
         node = self.root
         i = 0
         n = len(text)
@@ -119,81 +127,81 @@ class PrefixTree(Generic[T]):
             child = node.children.get(first)
             if child is None:
                 leaf: Node[T] = Node(text[i:], node)
-                leaf.tenants[tenant] = now
                 node.children[first] = leaf
                 self.nodes += 1
-                added += n - i
-                entries += 1
+                path.append(leaf)
                 break
             label = child.text
             if text.startswith(label, i):
                 k = len(label)
             else:
-                # Split: node -> mid (label[:k]) -> child (label[k:]). Every tenant of child is
-                # now at both, so each gains one entry; their character counts are unchanged.
                 k = common_prefix_len(label, text, i)
-                mid: Node[T] = Node(label[:k], node)
-                mid.tenants = dict(child.tenants)
-                mid.children[label[k]] = child
-                child.text = label[k:]
-                child.parent = mid
-                node.children[first] = mid
-                self.nodes += 1
-                self.charged_chars += ENTRY_OVERHEAD_CHARS * len(mid.tenants)
-                child = mid
-            if tenant not in child.tenants:
-                added += k
-                entries += 1
-            child.tenants[tenant] = now
+                self._split(child, k)
+            path.append(child)
             i += k
             node = child
-        self.charged_chars += added - tenant_chars.get(tenant, 0) + entries * ENTRY_OVERHEAD_CHARS
-        tenant_chars[tenant] = added
+        # Touch from the leaf up, so that each parent ends up more recent than its child.
+        lru = self._lru
+        added = 0
+        for node in reversed(path):
+            key = (node, tenant)
+            if tenant in node.tenants:
+                lru.move_to_end(key)
+            else:
+                node.tenants[tenant] = None
+                lru[key] = None
+                added += len(node.text)
+                self.charged_chars += ENTRY_OVERHEAD_CHARS
+        self.tenant_chars[tenant] = self.tenant_chars.get(tenant, 0) + added
+        self.charged_chars += added
 
     def evict(self, target_chars: int) -> None:
-        """Remove least recently used leaf entries until ``charged_chars <= target_chars``.
+        """Evict least recently used entries until ``charged_chars <= target_chars``."""
+        lru = self._lru
+        while self.charged_chars > target_chars and lru:
+            (node, tenant), _ = lru.popitem(last=False)
+            self._drop(node, tenant)
 
-        One walk over every node to find the leaf entries, then a heap: O(entries + evicted *
-        log(entries)), where an entry is a (node, tenant) pair. Callers run it rarely (when over budget, down to a lower mark).
+    def _split(self, node: Node[T], k: int) -> None:
+        """Cut ``node``'s label after ``k`` characters; the rest moves to a new child.
+
+        The node object keeps the prefix, so its parent link and its entries' places in the
+        recency order stay right; the new child copies its tenants (each tenant's character
+        count is unchanged, its entry count grows by one).
         """
-        if self.charged_chars <= target_chars:
-            return
-        seq = itertools.count()  # tie-breaker, so the heap never compares nodes
-        heap: list[tuple[int, int, Node[T], T]] = []
-        stack = list(self.root.children.values())
+        label = node.text
+        lower: Node[T] = Node(label[k:], node)
+        lower.children = node.children
+        for child in lower.children.values():
+            child.parent = lower
+        lower.tenants = dict(node.tenants)
+        node.text = label[:k]
+        node.children = {label[k]: lower}
+        self.nodes += 1
+        lru = self._lru
+        for tenant in lower.tenants:
+            lru[(lower, tenant)] = None
+        self.charged_chars += ENTRY_OVERHEAD_CHARS * len(lower.tenants)
+
+    def _drop(self, top: Node[T], tenant: T) -> None:
+        """Remove ``tenant`` from ``top`` (already out of the recency order) and its subtree."""
+        lru = self._lru
+        tenant_chars = self.tenant_chars
+        stack = [top]
         while stack:
             node = stack.pop()
-            children = node.children.values()
-            stack.extend(children)
-            below: set[T] = set()
-            for child in children:
-                below.update(child.tenants)
-            for tenant, last in node.tenants.items():
-                if tenant not in below:
-                    heap.append((last, next(seq), node, tenant))
-        heapq.heapify(heap)
-        tenant_chars = self.tenant_chars
-        while self.charged_chars > target_chars and heap:
-            _, _, node, tenant = heapq.heappop(heap)
+            for child in node.children.values():
+                if tenant in child.tenants:
+                    stack.append(child)
             del node.tenants[tenant]
+            if node is not top:
+                del lru[(node, tenant)]
             size = len(node.text)
             tenant_chars[tenant] -= size
             self.charged_chars -= size + ENTRY_OVERHEAD_CHARS
-            parent = node.parent
-            assert parent is not None  # only the root has no parent, and it is never a leaf
             if not node.tenants:
-                # No tenant left here, so none below (the invariant): unlink the node.
+                # No tenant here, so none below (the invariant): unlink the node.
+                parent = node.parent
+                assert parent is not None  # only the root has none, and it holds no entries
                 del parent.children[node.text[0]]
                 self.nodes -= 1
-            if parent is not self.root and not self._held_below(parent, tenant):
-                # The parent just became a leaf for this tenant. Its access time is at least
-                # that of any entry below it, so LRU order is kept.
-                heapq.heappush(heap, (parent.tenants[tenant], next(seq), parent, tenant))
-
-    @staticmethod
-    def _held_below(node: Node[T], tenant: T) -> bool:
-        """Whether any child of ``node`` holds ``tenant``."""
-        for child in node.children.values():
-            if tenant in child.tenants:
-                return True
-        return False
