@@ -13,6 +13,7 @@ import json
 import random
 import sys
 import time
+from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
 
 FLUSH_INTERVAL_S = 0.05
@@ -36,6 +37,8 @@ class AccessLogger:
         self._rng = rng or random.Random()
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._second_text = ""
 
     def wants(self, status: int) -> bool:
         """Whether a request answered ``status`` (0: no answer) is to be logged."""
@@ -47,8 +50,50 @@ class AccessLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """Queue one line; ``record`` must be JSON-serialisable."""
-        record["time"] = _iso_now()
-        self._lines.append(json.dumps(record, separators=(",", ":")))
+        record["time"] = self._now()
+        self._queue(json.dumps(record, separators=(",", ":")))
+
+    def log_request(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        pool: str | None,
+        backend: str | None,
+        status: int,
+        attempts: int,
+        bytes_in: int,
+        bytes_out: int,
+        ttfb_s: float,
+        duration_s: float,
+        outcome: str,
+    ) -> None:
+        """Queue one request's line, formatted without ``json.dumps`` (this runs per request).
+
+        Strings that could hold anything are escaped with the JSON encoder's own C routine.
+        """
+        self._queue(
+            f'{{"time":"{self._now()}","request_id":{_quote(request_id)},'
+            f'"method":{_quote(method)},"path":{_quote(path)},'
+            f'"pool":{_quote(pool) if pool is not None else "null"},'
+            f'"backend":{_quote(backend) if backend is not None else "null"},'
+            f'"status":{status},"attempts":{attempts},"bytes_in":{bytes_in},'
+            f'"bytes_out":{bytes_out},'
+            f'"ttfb_s":{f"{ttfb_s:.6f}" if ttfb_s >= 0.0 else "null"},'
+            f'"duration_s":{duration_s:.6f},"outcome":{_quote(outcome)}}}'
+        )
+
+    def _now(self) -> str:
+        # Formatting the time is the costly part of a line: the second is formatted once.
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
+
+    def _queue(self, line: str) -> None:
+        self._lines.append(line)
         if len(self._lines) >= MAX_BUFFERED_LINES:
             self.flush()
         elif self._timer is None:
@@ -71,6 +116,4 @@ class AccessLogger:
         self._lines.clear()
 
 
-def _iso_now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+_quote = encode_basestring_ascii

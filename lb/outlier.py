@@ -11,6 +11,7 @@ of two or more), so it cannot empty a pool. Pure logic: the pool applies the ver
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from lb.backend import Backend
 from lb.config_resilience import OutlierDetection
@@ -39,9 +40,18 @@ class OutlierDetector:
         return status in self.failure_statuses
 
     def observe(
-        self, backend: Backend, failed: bool, now_s: float, pool_size: int, ejected_now: int
+        self,
+        backend: Backend,
+        failed: bool,
+        now_s: float,
+        pool_size: int,
+        ejected_now: int | Callable[[], int],
     ) -> bool:
-        """Record one attempt's outcome; returns True if ``backend`` is ejected by it."""
+        """Record one attempt's outcome; returns True if ``backend`` is ejected by it.
+
+        ``ejected_now`` (how many of the pool are ejected) may be a callable, asked only when
+        an ejection is due.
+        """
         if not self.enabled:
             return False
         if not failed:
@@ -53,6 +63,8 @@ class OutlierDetector:
         self._streak[backend] = streak
         if streak < self.threshold or backend.ejected_until_s > now_s:
             return False
+        if callable(ejected_now):
+            ejected_now = ejected_now()
         if ejected_now >= self.max_ejected(pool_size):
             return False
         self._streak[backend] = 0

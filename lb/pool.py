@@ -159,7 +159,7 @@ class Pool:
         outliers = self.outliers
         if observed and outliers is not None and outliers.enabled:
             now = self.clock()
-            if outliers.observe(backend, failed, now, len(self.backends), self.ejected_count()):
+            if outliers.observe(backend, failed, now, len(self.backends), self.ejected_count):
                 log.warning(
                     "pool=%s backend=%s ejected for %.1fs after %d failures in a row",
                     self.name,

@@ -127,21 +127,19 @@ class Proxy:
     def _log_access(
         self, req: IncomingRequest, pool: Pool | None, outcome: str, duration_s: float
     ) -> None:
-        self.access_log.log(
-            {
-                "request_id": (req.request_id or b"").decode("latin-1"),
-                "method": req.method.decode("latin-1"),
-                "path": req.path.decode("latin-1"),
-                "pool": pool.name if pool is not None else None,
-                "backend": req.backend_name,
-                "status": req.status,
-                "attempts": req.attempts,
-                "bytes_in": req.body.size,
-                "bytes_out": req.bytes_out,
-                "ttfb_s": round(req.ttfb_s, 6) if req.ttfb_s >= 0.0 else None,
-                "duration_s": round(duration_s, 6),
-                "outcome": outcome,
-            }
+        self.access_log.log_request(
+            (req.request_id or b"").decode("latin-1"),
+            req.method.decode("latin-1"),
+            req.path.decode("latin-1"),
+            pool.name if pool is not None else None,
+            req.backend_name,
+            req.status,
+            req.attempts,
+            req.body.size,
+            req.bytes_out,
+            req.ttfb_s,
+            duration_s,
+            outcome,
         )
 
     @staticmethod
