@@ -14,24 +14,16 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 EXIT_CONFIG_ERROR = 2
 
 
-def check_strategies(config: Config, source: str) -> None:
-    """Raise :class:`ConfigError` at ``pools[i].strategy`` for each unknown strategy name.
+def check_buildable(config: Config, source: str) -> None:
+    """Build the pools once, as start-up would, so that strategies and their options are
+    checked too; raises :class:`ConfigError` with the key path of each problem.
 
-    Names are looked up with ``lb.strategies.resolve``; if that cannot be imported the check
-    is skipped. ``lb.config`` cannot do this itself: the strategy registry sits above it.
+    ``lb.config`` cannot do this itself: the strategy registry sits above it.
     """
-    try:
-        from lb.strategies import resolve  # late: `lb check` works without the registry
-    except ImportError:
-        return
-    problems = []
-    for i, pool in enumerate(config.pools):
-        try:
-            resolve(pool.strategy)
-        except ValueError as exc:
-            problems.append((f"pools[{i}].strategy", str(exc)))
-    if problems:
-        raise ConfigError.from_problems(source, problems)
+    from lb.build import build_pools  # late: only what is needed to build, nothing runs
+
+    for pool in build_pools(config, source).values():
+        pool.close()
 
 
 def summary(config: Config, source: str) -> str:
@@ -121,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_config(config_path)
-        check_strategies(config, config_path)
+        check_buildable(config, config_path)
         if command == "check":
             print(summary(config, config_path))
             return 0
