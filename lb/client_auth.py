@@ -35,6 +35,13 @@ class ClientKeys:
         self.forward_key = forward_key
 
     def check(self, req: IncomingRequest) -> None:
+        """Raise :class:`Unauthorized` unless ``req`` carries an accepted key; then drop the
+        key header from the request unless ``forward_key``."""
+        self.verify(req)
+        if not self.forward_key:
+            req.headers = [(n, v) for n, v in req.headers if n.lower() not in _KEY_HEADERS]
+
+    def verify(self, req: IncomingRequest) -> None:
         """Raise :class:`Unauthorized` unless ``req`` carries an accepted key."""
         presented: bytes | None = None
         for name, value in req.headers:
@@ -52,8 +59,6 @@ class ClientKeys:
             accepted |= hmac.compare_digest(presented, key)
         if not accepted:
             raise Unauthorized("invalid API key")
-        if not self.forward_key:
-            req.headers = [(n, v) for n, v in req.headers if n.lower() not in _KEY_HEADERS]
 
 
 _KEY_HEADERS = frozenset({_AUTHORIZATION, _API_KEY})

@@ -77,6 +77,8 @@ class Proxy:
         if req.request_id is None:
             req.request_id = new_request_id()
         try:
+            if self.router.any_auth:
+                self.router.authorize_early(req)  # before any body is read or answer made
             if self.models is not None and self.models.answers(req):
                 await self.models.answer(client, req)
                 return

@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lb.client_auth import ClientKeys
+from lb.client_auth import ClientKeys, Unauthorized
 from lb.downstream import IncomingRequest
 from lb.errors import ModelNotFound, NoRoute
 from lb.pool import Pool
@@ -72,6 +72,24 @@ class Router:
         self.routes = tuple(routes)
         self.default = Route(pool=default)
         self.model_routes = any(r.models is not None for r in self.routes)
+        self.any_auth = any(r.auth is not None for r in self.routes)
+
+    def authorize_early(self, req: IncomingRequest) -> None:
+        """Before reading a body or answering for the proxy: if every route that could take
+        ``req`` requires an API key, one of them must accept it (raises ``Unauthorized``)."""
+        guarded = [r for r in self.routes if r.matches(req)]
+        if not guarded or any(r.auth is None for r in guarded):
+            return
+        error: Exception | None = None
+        for route in guarded:
+            assert route.auth is not None
+            try:
+                route.auth.verify(req)
+                return
+            except Unauthorized as exc:
+                error = exc
+        assert error is not None
+        raise error
 
     def needs_model(self, req: IncomingRequest) -> bool:
         """True if a route that could take ``req`` matches on the body's model."""
