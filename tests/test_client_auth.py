@@ -221,3 +221,35 @@ def test_an_empty_api_key_in_the_list_is_a_config_error():
     with pytest.raises(ConfigError) as info:
         parse_config(raw, "test")
     assert info.value.key.startswith("routes[0].auth.api_keys")
+
+
+def _model_config(backends: list[Any]) -> dict[str, Any]:
+    """A model route and the proxy's /v1/models, both behind a key."""
+    cfg = proxy_config(
+        [{**pool("chat", backends), "models": ["m1"]}],
+        routes=[{"model": "m1", "pool": "chat", "auth": {"api_keys": [KEY]}},
+                {"path_prefix": "/", "pool": "chat", "auth": {"api_keys": [KEY]}}],
+    )  # fmt: skip
+    return cfg
+
+
+async def test_a_model_route_refuses_a_missing_key_before_reading_the_body(backends, start_proxy):
+    """Without a key, a request whose body would be read for its model is 401 at once."""
+    (b0,) = await backends(1)
+    app = await start_proxy(_model_config([b0]))
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n"
+    out = await raw_exchange(app.port, head + b"{", read_timeout_s=2)
+    assert out.startswith(b"HTTP/1.1 401 ")
+    assert b0.hits == 0
+
+
+async def test_the_proxys_model_list_needs_the_key_its_routes_need(backends, start_proxy):
+    """GET /v1/models answered by the proxy is not an open door past the routes' keys."""
+    (b0,) = await backends(1)
+    app = await start_proxy(_model_config([b0]))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(app, "/v1/models")) as resp:
+            assert resp.status == 401
+        async with s.get(url(app, "/v1/models"), headers={"api-key": KEY}) as resp:
+            assert resp.status == 200
+            assert [m["id"] for m in (await resp.json())["data"]] == ["m1"]
