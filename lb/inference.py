@@ -1,13 +1,14 @@
 """Inference metrics taken from responses as they pass: time to first token, time between
 tokens, prompt and completion tokens, requests by model.
 
-For a streamed response (``text/event-stream``) every ``data:`` event but the final
-``[DONE]`` is taken as one token's chunk: the first one's arrival is the time to first token,
-the gaps between them the time between tokens (several events read at once share the gap
-evenly). Token counts come from the ``usage`` object when the server sends one (OpenAI's
-``stream_options.include_usage``, vLLM, SGLang); a stream without ``usage`` counts its chunks as
-completion tokens, reported apart as an estimate. For a JSON response the ``usage`` object is
-read from the end of the body. Nothing here parses a whole body.
+For a streamed response (``text/event-stream``) every event that carries text (a non-empty
+``content`` or ``text``; not the role-only first chunk, nor the finish and usage chunks) is one
+token's chunk: the first one's arrival is the time to first token, the gaps between them the
+time between tokens (several read at once share the gap evenly). Token counts come from the
+``usage`` object at the end of the body when the server sends one (OpenAI's
+``stream_options.include_usage``, vLLM, SGLang, and every non-streamed JSON answer); a stream
+without ``usage`` counts its text chunks as completion tokens, reported apart as an estimate.
+Nothing here parses a whole body.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ TTFT_BUCKETS_S: tuple[float, ...] = (
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+# A streamed chunk carrying text: OpenAI chat deltas ("content") and completions ("text").
+_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+CARRY_BYTES = 32
 TAIL_BYTES = 2048  # the end of a JSON body kept to find its usage
 MAX_MODELS = 64  # distinct model labels kept; more are counted as "other"
 
@@ -71,7 +75,7 @@ class InferenceStats:
 class ResponseMeter:
     """Watches one response's body for tokens and usage."""
 
-    __slots__ = ("_events", "_last_s", "_stats", "_tail", "_usage_seen", "sse", "started_s")
+    __slots__ = ("_carry", "_events", "_last_s", "_stats", "_tail", "sse", "started_s")
 
     def __init__(self, stats: InferenceStats, started_s: float, sse: bool) -> None:
         self._stats = stats
@@ -79,20 +83,22 @@ class ResponseMeter:
         self.sse = sse
         self._events = 0
         self._last_s = 0.0
-        self._usage_seen = False
         self._tail = b""
+        self._carry = b""
         if sse:
             stats.streams += 1
 
     def on_body(self, data: bytes) -> None:
+        self._tail = (self._tail + data)[-TAIL_BYTES:]
         if not self.sse:
-            self._tail = (self._tail + data)[-TAIL_BYTES:]
             return
-        events = data.count(b"data:")
-        if b"[DONE]" in data:
-            events -= 1
-        if b'"usage"' in data:
-            self._read_usage(data)
+        # Token chunks are the events with non-empty content: not the role-only first chunk,
+        # nor the finish or usage chunks. A match may straddle two reads: the carried end of
+        # the previous read is searched again, and only matches ending past it count.
+        buf = self._carry + data
+        skip = len(self._carry)
+        events = sum(1 for m in _CONTENT.finditer(buf) if m.end() > skip)
+        self._carry = buf[-CARRY_BYTES:]
         if events <= 0:
             return
         now = time.monotonic()
@@ -110,23 +116,16 @@ class ResponseMeter:
         self._events += events
         self._last_s = now
 
-    def _read_usage(self, data: bytes) -> None:
-        prompt = _PROMPT.search(data)
-        completion = _COMPLETION.search(data)
-        if prompt is None and completion is None:
-            return
-        self._usage_seen = True
+    def on_end(self) -> None:
+        tail = self._tail
+        at = tail.rfind(b'"usage"')
+        usage = tail[at:] if at >= 0 else b""
+        prompt = _PROMPT.search(usage)
+        completion = _COMPLETION.search(usage)
         stats = self._stats
         if prompt is not None:
             stats.prompt_tokens += int(prompt.group(1))
         if completion is not None:
             stats.completion_tokens += int(completion.group(1))
-
-    def on_end(self) -> None:
-        if not self.sse:
-            if b'"usage"' in self._tail:
-                self._read_usage(self._tail[self._tail.rfind(b'"usage"') :])
-            return
-        if not self._usage_seen and self._events:
-            # A usage chunk may be counted as an event; without usage, chunks stand in.
-            self._stats.completion_tokens_estimated += self._events
+        elif self.sse and self._events:
+            stats.completion_tokens_estimated += self._events  # no usage: chunks stand in

@@ -72,6 +72,7 @@ class Proxy:
     async def handle(self, client: ClientConnection, req: IncomingRequest) -> None:
         """Answer ``req`` on ``client``; never raises except for cancellation."""
         pool: Pool | None = None
+        info: RequestInfo | None = None
         outcome = "ok"
         self.active_requests += 1
         if req.request_id is None:
@@ -85,9 +86,6 @@ class Proxy:
             route, pool, info = await self._route(req)
             if route.auth is not None:
                 route.auth.check(req)
-            pool.stats.inference.count_model(
-                info.model if info.model is not None else model_in(req.body.head(4096))
-            )
             if route.mirror is not None and self.mirrors is not None:
                 self.mirrors.maybe_mirror(route, req, info)
             pool.budget.requests += 1
@@ -118,6 +116,7 @@ class Proxy:
             duration_s = time.monotonic() - req.started_s
             if pool is not None:
                 stats = pool.stats
+                stats.inference.count_model(self._model_of(req, info))
                 stats.responses_by_class[min(req.status // 100, 5)] += 1
                 stats.duration.observe(duration_s)
                 if req.ttfb_s >= 0.0:
@@ -125,6 +124,17 @@ class Proxy:
             if self.access_log.wants(req.status):
                 self._log_access(req, pool, outcome, duration_s)
             client.request_done(req)
+
+    @staticmethod
+    def _model_of(req: IncomingRequest, info: RequestInfo | None) -> str | None:
+        """The model the request named: parsed already, or found in the body it held."""
+        if info is not None and info.model is not None:
+            return info.model
+        body = req.body
+        model = model_in(body.head(4096))
+        if model is None and body.size > 4096 and body.replayable:
+            model = model_in(body.held())  # SDKs write the messages before the model
+        return model
 
     def _log_access(
         self, req: IncomingRequest, pool: Pool | None, outcome: str, duration_s: float

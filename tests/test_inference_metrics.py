@@ -1,0 +1,269 @@
+"""Inference metrics taken from responses as they pass through the proxy: time to first token,
+time between tokens, prompt and completion tokens, and requests by model, checked against
+what clients of simulated model servers saw, in the scraped ``/metrics`` text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from backends.sim import SimServer, start_sim
+from lb.app import App
+from lb.inference import MAX_MODELS
+from tests.conftest import pool, proxy_config, url
+
+CHAT = "/v1/chat/completions"
+FAST: dict[str, Any] = {"decode_ms": 1, "ttft_ms": 1, "max_batch": 64}
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+SimFactory = Callable[..., Awaitable[list[SimServer]]]
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[SimFactory]:
+    """Factory: ``await sims(n)`` starts ``n`` fast simulated model servers."""
+    started: list[SimServer] = []
+
+    async def start(n: int, **knobs: Any) -> list[SimServer]:
+        out = [await start_sim(**{**FAST, **knobs}) for _ in range(n)]
+        started.extend(out)
+        return out
+
+    yield start
+    for sim in started:
+        await sim.close()
+
+
+async def chat_proxy(sims: SimFactory, start_proxy: Any) -> App:
+    """A proxy with one pool ``chat`` of two simulated servers."""
+    servers = await sims(2)
+    app: App = await start_proxy(proxy_config([pool("chat", servers)]))
+    return app
+
+
+def chat_body(i: int, *, stream: bool, usage: bool = False, model: str = "sim-model") -> Any:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": f"Question {i}: " + "why? " * i},
+        ],
+        "max_tokens": 3 + i,
+        "stream": stream,
+    }
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def stream_chat(s: aiohttp.ClientSession, app: App, body: Any) -> list[dict[str, Any]]:
+    """POST a streamed chat completion; the JSON events the client got, ``[DONE]`` left out."""
+    async with s.post(url(app, CHAT), json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        text = await resp.text()
+    events = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: ") and block != "data: [DONE]":
+            events.append(json.loads(block[len("data: ") :]))
+    assert text.rstrip().endswith("data: [DONE]")
+    return events
+
+
+async def scrape(app: App) -> Samples:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{app.admin_port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = float(sample.value)
+    return out
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in found, f"no sample {name}{labels}"
+    return found[key]
+
+
+def model_labels(found: Samples, pool_name: str) -> dict[str, float]:
+    """``lb_inference_requests_total`` of one pool, by model label."""
+    out = {}
+    for (name, labels), v in found.items():
+        d = dict(labels)
+        if name == "lb_inference_requests_total" and d.get("pool") == pool_name:
+            out[d["model"]] = v
+    return out
+
+
+def usage_of(events: list[dict[str, Any]]) -> dict[str, int]:
+    (usage,) = [e["usage"] for e in events if e.get("usage")]
+    return {
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+    }
+
+
+def content_chunks(events: list[dict[str, Any]]) -> int:
+    """Events carrying generated text."""
+    return sum(1 for e in events for c in e["choices"] if c.get("delta", {}).get("content"))
+
+
+async def test_each_stream_observes_one_time_to_first_token(sims, start_proxy):
+    """``lb_inference_ttft_seconds_count`` and ``lb_inference_streams_total`` equal the
+    number of streamed responses."""
+    app = await chat_proxy(sims, start_proxy)
+    async with aiohttp.ClientSession() as s:
+        for i in range(6):
+            await stream_chat(s, app, chat_body(i, stream=True, usage=True))
+    found = await scrape(app)
+    assert value(found, "lb_inference_ttft_seconds_count", pool="chat") == 6
+    assert value(found, "lb_inference_streams_total", pool="chat") == 6
+
+
+async def test_streams_observe_times_between_tokens(sims, start_proxy):
+    """Streams of several tokens each add gaps to ``lb_inference_tbt_seconds``."""
+    app = await chat_proxy(sims, start_proxy)
+    async with aiohttp.ClientSession() as s:
+        for i in range(4):
+            await stream_chat(s, app, chat_body(i, stream=True, usage=True))
+    found = await scrape(app)
+    assert value(found, "lb_inference_tbt_seconds_count", pool="chat") > 0
+    assert value(found, "lb_inference_tbt_seconds_sum", pool="chat") > 0
+
+
+async def test_stream_token_counts_are_the_usage_the_clients_saw(sims, start_proxy):
+    """Prompt and completion tokens (``source="usage"``) are the sums of the ``usage``
+    objects of the streams the clients read."""
+    app = await chat_proxy(sims, start_proxy)
+    prompt = completion = 0
+    async with aiohttp.ClientSession() as s:
+        for i in range(8):
+            usage = usage_of(await stream_chat(s, app, chat_body(i, stream=True, usage=True)))
+            prompt += usage["prompt_tokens"]
+            completion += usage["completion_tokens"]
+    found = await scrape(app)
+    assert prompt > 0
+    assert value(found, "lb_inference_prompt_tokens_total", pool="chat") == prompt
+    assert (
+        value(found, "lb_inference_completion_tokens_total", pool="chat", source="usage")
+        == completion
+    )
+    assert value(found, "lb_inference_completion_tokens_total", pool="chat", source="chunks") == 0
+
+
+async def test_streams_without_usage_count_their_content_chunks(sims, start_proxy):
+    """Without a ``usage`` object, ``source="chunks"`` counts the content chunks the
+    clients got, and nothing is counted from usage."""
+    app = await chat_proxy(sims, start_proxy)
+    chunks = 0
+    async with aiohttp.ClientSession() as s:
+        for i in range(5):
+            events = await stream_chat(s, app, chat_body(i, stream=True))
+            assert not any(e.get("usage") for e in events)
+            chunks += content_chunks(events)
+    found = await scrape(app)
+    assert chunks == sum(3 + i for i in range(5))  # one chunk per generated token
+    assert value(found, "lb_inference_completion_tokens_total", pool="chat", source="chunks") == (
+        chunks
+    )
+    assert value(found, "lb_inference_completion_tokens_total", pool="chat", source="usage") == 0
+    assert value(found, "lb_inference_prompt_tokens_total", pool="chat") == 0
+
+
+async def test_json_responses_count_their_usage(sims, start_proxy):
+    """Non-streamed completions add their ``usage`` to the token counters, and are no
+    streams."""
+    app = await chat_proxy(sims, start_proxy)
+    prompt = completion = 0
+    async with aiohttp.ClientSession() as s:
+        for i in range(5):
+            async with s.post(url(app, CHAT), json=chat_body(i, stream=False)) as resp:
+                assert resp.status == 200
+                got = await resp.json()
+            prompt += got["usage"]["prompt_tokens"]
+            completion += got["usage"]["completion_tokens"]
+    found = await scrape(app)
+    assert value(found, "lb_inference_prompt_tokens_total", pool="chat") == prompt
+    assert (
+        value(found, "lb_inference_completion_tokens_total", pool="chat", source="usage")
+        == completion
+    )
+    assert value(found, "lb_inference_streams_total", pool="chat") == 0
+    assert value(found, "lb_inference_ttft_seconds_count", pool="chat") == 0
+
+
+async def test_requests_are_counted_by_the_model_their_body_names(sims, start_proxy):
+    """``lb_inference_requests_total{model=...}`` counts each request under its body's model."""
+    app = await chat_proxy(sims, start_proxy)
+    asked = ["llama", "mistral", "llama", "qwen", "llama", "mistral"]
+    async with aiohttp.ClientSession() as s:
+        for i, model in enumerate(asked):
+            body = chat_body(i, stream=i % 2 == 0, model=model)
+            async with s.post(url(app, CHAT), json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+    found = await scrape(app)
+    assert model_labels(found, "chat") == {"llama": 3, "mistral": 2, "qwen": 1}
+
+
+async def test_a_flood_of_model_names_keeps_the_model_label_bounded(sims, start_proxy):
+    """100 distinct model names give at most 64 model labels besides ``other`` and
+    ``unknown``, and every request is still counted."""
+    app = await chat_proxy(sims, start_proxy)
+    async with aiohttp.ClientSession() as s:
+        for i in range(100):
+            body = {"model": f"m-{i}", "messages": [{"role": "user", "content": "x"}]}
+            body["max_tokens"] = 1
+            async with s.post(url(app, CHAT), json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+    labels = model_labels(await scrape(app), "chat")
+    named = set(labels) - {"other", "unknown"}
+    assert len(named) <= MAX_MODELS == 64
+    assert sum(labels.values()) == 100
+    assert labels.get("other", 0) >= 100 - 64
+
+
+async def test_a_body_sent_after_its_headers_is_still_counted_under_its_model(sims, start_proxy):
+    """A client that sends the request head first and the body a moment later (a separate
+    TCP segment) is counted under the body's model, not ``unknown``."""
+    app = await chat_proxy(sims, start_proxy)
+    body = json.dumps({"model": "late-llama", "messages": [{"role": "user", "content": "x"}]})
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        writer.write(head.encode())
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the proxy has the head, and no body byte yet
+        writer.write(body.encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert model_labels(await scrape(app), "chat") == {"late-llama": 1}
+
+
+async def test_a_long_chat_naming_its_model_after_the_messages_is_counted_under_it(
+    sims, start_proxy
+):
+    """A chat whose ``model`` key follows 8 KB of messages, the order the ``openai`` SDK
+    writes, is counted under its model, not ``unknown``."""
+    app = await chat_proxy(sims, start_proxy)
+    body = {"messages": [{"role": "user", "content": "long " * 1600}], "model": "tail-llama"}
+    async with aiohttp.ClientSession() as s, s.post(url(app, CHAT), json=body) as resp:
+        assert resp.status == 200
+        await resp.read()
+    assert model_labels(await scrape(app), "chat") == {"tail-llama": 1}
