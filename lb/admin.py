@@ -45,7 +45,7 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(spec())
 
 
-def _static(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+def static_file(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def serve(request: web.Request) -> web.Response:
         try:
             body = resources.files("lb.static").joinpath(name).read_bytes()
@@ -70,8 +70,8 @@ def make_admin_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
-    app.router.add_get("/dashboard", _static("dashboard.html"))
-    app.router.add_get("/dashboard/dashboard.js", _static("dashboard.js"))
-    app.router.add_get("/dashboard/dashboard.css", _static("dashboard.css"))
+    app.router.add_get("/dashboard", static_file("dashboard.html"))
+    app.router.add_get("/dashboard/dashboard.js", static_file("dashboard.js"))
+    app.router.add_get("/dashboard/dashboard.css", static_file("dashboard.css"))
     add_routes(app, control)
     return app

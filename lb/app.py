@@ -3,6 +3,10 @@
 Shutdown: ``/readyz`` turns 503, the listener stops accepting, idle client connections are
 closed, requests in flight (streams included) get ``shutdown.grace_s`` to finish, and whatever
 is left is cut. The process then exits 0. A second signal cuts the grace period short.
+
+Run as one of several workers (:mod:`lb.workers`), the same app binds the client listener with
+``SO_REUSEPORT`` next to its siblings and, instead of the public admin listener, a private one
+on an ephemeral loopback port that the supervisor reaches through :class:`WorkerLink`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import dataclasses
 import gc
 import logging
 import signal
+import sys
 import time
+from typing import TextIO, cast
 
 from aiohttp import web
 
@@ -36,6 +42,7 @@ from lb.mirror import Mirrors
 from lb.models_endpoint import ModelsEndpoint
 from lb.pool import Pool
 from lb.proxy import Proxy
+from lb.worker_link import AtomicLines, LinkError, WorkerLink, tag_log_lines
 
 log = logging.getLogger("lb")
 
@@ -51,11 +58,17 @@ def check_listeners_unchanged(old: Config, new: Config, source: str) -> None:
 
 
 class App:
-    """A running proxy: the data-plane listener, the admin listener and their state."""
+    """A running proxy: the data-plane listener, the admin listener and their state.
 
-    def __init__(self, config: Config, source: str = "<config>") -> None:
+    With ``link`` it is one of several workers: see the module docstring.
+    """
+
+    def __init__(
+        self, config: Config, source: str = "<config>", link: WorkerLink | None = None
+    ) -> None:
         self.config = config
         self.source = source
+        self.link = link
         self.proxy: Proxy | None = None
         self.port = 0
         self.admin_port = 0
@@ -70,12 +83,16 @@ class App:
         self._grace_cut = asyncio.Event()
 
     async def start(self) -> None:
-        """Bind both listeners; raises ``OSError`` if a port cannot be bound."""
+        """Bind both listeners; raises ``OSError`` if a port cannot be bound (and, for a
+        worker, :class:`LinkError` if the supervisor goes away during start-up)."""
         config = self.config
         pools = build_pools(config, self.source)
         limits = listener_limits(config)
         access_log = AccessLogger(
-            enabled=config.access_log.enabled, sample_rate=config.access_log.sample_rate
+            enabled=config.access_log.enabled,
+            sample_rate=config.access_log.sample_rate,
+            # AtomicLines is a text stream, though not typing.TextIO's every method.
+            stream=cast(TextIO, AtomicLines(sys.stdout.fileno())) if self.link else None,
         )
         proxy = Proxy(
             build_router(config, pools), pools, limits, forwarding_settings(config), access_log
@@ -83,6 +100,38 @@ class App:
         self.proxy = proxy
         self._install_inference_features(config)
         self._start_health_checks(config, pools)
+        link = self.link
+        if link is None:
+            await self._listen(reuse_port=False)
+            if config.admin.enabled:
+                await self._start_admin(config.admin.host, config.admin.port)
+            log.info(
+                "proxy listening on http://%s, admin on %s",
+                host_port(config.listen.host, self.port),
+                f"http://{host_port(config.admin.host, self.admin_port)}"
+                if config.admin.enabled
+                else "(disabled)",
+            )
+            return
+        # A worker: private admin first, so that the supervisor can replay runtime changes
+        # (drains, weights) into it before the first client connection reaches this process.
+        await self._start_admin("127.0.0.1", 0)
+        await link.report_admin(self.admin_port)
+        await link.wait_serve()
+        await self._listen(reuse_port=True)
+        await link.report_serving()
+        log.info(
+            "worker %d listening on http://%s, private admin on http://127.0.0.1:%d",
+            link.index,
+            host_port(config.listen.host, self.port),
+            self.admin_port,
+        )
+
+    async def _listen(self, *, reuse_port: bool) -> None:
+        proxy = self.proxy
+        assert proxy is not None
+        limits = proxy.limits
+        config = self.config
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientConnection(proxy, limits),
@@ -90,32 +139,29 @@ class App:
             config.listen.port,
             backlog=4096,
             reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        if config.admin.enabled:
-            registry = make_registry(
-                ProxyCollector(
-                    lambda: proxy.pools,
-                    lambda: len(proxy.connections),
-                    health=lambda: self.health_checkers,
-                    load_reports=lambda: self.load_reporters,
-                    reloads=lambda: self.reloads,
-                )
+
+    async def _start_admin(self, host: str, port: int) -> None:
+        proxy = self.proxy
+        assert proxy is not None
+        registry = make_registry(
+            ProxyCollector(
+                lambda: proxy.pools,
+                lambda: len(proxy.connections),
+                health=lambda: self.health_checkers,
+                load_reports=lambda: self.load_reporters,
+                reloads=lambda: self.reloads,
             )
-            self._admin = web.AppRunner(
-                make_admin_app(registry, lambda: not proxy.draining, self), access_log=None
-            )
-            await self._admin.setup()
-            site = web.TCPSite(self._admin, config.admin.host, config.admin.port)
-            await site.start()
-            self.admin_port = config.admin.port
-        log.info(
-            "proxy listening on http://%s, admin on %s",
-            host_port(config.listen.host, self.port),
-            f"http://{host_port(config.admin.host, self.admin_port)}"
-            if config.admin.enabled
-            else "(disabled)",
         )
+        self._admin = web.AppRunner(
+            make_admin_app(registry, lambda: not proxy.draining, self), access_log=None
+        )
+        await self._admin.setup()
+        site = web.TCPSite(self._admin, host, port)
+        await site.start()
+        self.admin_port = port or int(self._admin.addresses[0][1])
 
     def _install_inference_features(self, config: Config) -> None:
         """GET /v1/models answered by the proxy when models are named; mirroring."""
@@ -250,13 +296,19 @@ class App:
         await self._stopped.wait()
 
 
-async def serve(config: Config, source: str) -> int:
-    """Run until SIGTERM or SIGINT, then drain; returns the exit code."""
-    app = App(config, source)
+async def serve(config: Config, source: str, link: WorkerLink | None = None) -> int:
+    """Run until SIGTERM or SIGINT (or, for a worker, until the supervisor is gone), then
+    drain; returns the exit code."""
+    app = App(config, source, link)
     try:
+        if link is not None:
+            await link.open()
         await app.start()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
+        return 1
+    except LinkError as exc:
+        log.error("supervisor gone during start-up: %s", exc)
         return 1
     # Everything built so far lives as long as the process: move it out of the collector's
     # sight, so a full collection walks only per-request garbage (otherwise each one stalls
@@ -269,6 +321,9 @@ async def serve(config: Config, source: str) -> int:
 
     def on_signal(signum: int) -> None:
         log.info("received %s", signal.Signals(signum).name)
+        begin_shutdown()
+
+    def begin_shutdown() -> None:
         task = loop.create_task(app.shutdown())
         shutdown_tasks.add(task)
         task.add_done_callback(shutdown_tasks.discard)
@@ -283,15 +338,31 @@ async def serve(config: Config, source: str) -> int:
         task.add_done_callback(shutdown_tasks.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    if link is not None:
+
+        def on_supervisor_gone() -> None:
+            # Only when not stopping already: a second shutdown would cut the grace period.
+            if app.proxy is not None and not app.proxy.draining:
+                log.warning("supervisor gone: draining and exiting")
+                begin_shutdown()
+
+        link.watch(on_supervisor_gone)
     await app.wait_stopped()
+    if link is not None:
+        link.close()
     return 0
 
 
-def run(config: Config, source: str) -> int:
-    """Entry point used by the CLI: the event loop is uvloop's when it is installed."""
+def run(config: Config, source: str, link: WorkerLink | None = None) -> int:
+    """Entry point used by the CLI: the event loop is uvloop's when it is installed.
+
+    ``link`` makes this process one worker of several (see :mod:`lb.workers`).
+    """
     setup_logging(config.log_level, config.log_format)
+    if link is not None:
+        tag_log_lines(link.index, config.log_format)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        return asyncio.run(serve(config, source))
-    return int(uvloop.run(serve(config, source)))
+        return asyncio.run(serve(config, source, link))
+    return int(uvloop.run(serve(config, source, link)))

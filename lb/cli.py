@@ -43,6 +43,8 @@ def summary(config: Config, source: str) -> str:
         lines.append(f"route {_describe(route)} -> {route.pool}")
     if not config.routes:
         lines.append(f"no routes: every request goes to pool {config.pools[0].name}")
+    if config.workers != 1:
+        lines.append(f"workers: {config.workers or 'one per CPU'}")
     return "\n".join(lines)
 
 
@@ -63,21 +65,32 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"configuration file (default: $LB_CONFIG, else {DEFAULT_CONFIG})",
     )
-    level_option = argparse.ArgumentParser(add_help=False)
-    level_option.add_argument(
+    run_options = argparse.ArgumentParser(add_help=False)
+    run_options.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
         default=argparse.SUPPRESS,
         help="override log_level from the configuration file",
     )
+    run_options.add_argument(
+        "--workers",
+        metavar="N",
+        type=_workers,
+        default=argparse.SUPPRESS,
+        help='processes serving the listener; 0 or "auto": one per CPU '
+        "(overrides workers from the configuration file)",
+    )
+    # Set by the supervisor on the processes it starts (lb.workers); not for people.
+    for name in ("--worker-index", "--worker-fd"):
+        run_options.add_argument(name, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="lb",
         description="Load-balancing reverse proxy for AI model servers.",
-        parents=[config_option, level_option],
+        parents=[config_option, run_options],
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser(
-        "run", parents=[config_option, level_option], help="run the proxy (the default)"
+        "run", parents=[config_option, run_options], help="run the proxy (the default)"
     )
     commands.add_parser(
         "check", parents=[config_option], help="validate a configuration file and summarise it"
@@ -86,16 +99,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(config: Config, config_path: str, log_level: str | None) -> int:
+def _workers(text: str) -> int:
+    """``--workers``: a count, 0 or ``auto`` (both: one per CPU)."""
+    if text == "auto":
+        return 0
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f'expected a number or "auto", got {text!r}')
+    return count
+
+
+def _run(config: Config, config_path: str, args: argparse.Namespace) -> int:
+    log_level: str | None = getattr(args, "log_level", None)
     if log_level is not None:
         config = config.model_copy(update={"log_level": log_level})
-    from lb import app  # late: lb.app sits at the top of the package and pulls in everything
-
+    # late imports: lb.app sits at the top of the package and pulls in everything
+    index: int | None = getattr(args, "worker_index", None)
+    fd: int | None = getattr(args, "worker_fd", None)
     try:
-        result = app.run(config, config_path)
+        if index is not None and fd is not None:
+            from lb import app
+            from lb.worker_link import WorkerLink
+
+            return app.run(config, config_path, WorkerLink(index, fd))
+        from lb.workers import supervise, worker_count
+
+        count = worker_count(getattr(args, "workers", config.workers))
+        if count > 1:
+            return supervise(config, config_path, count, log_level)
+        from lb import app
+
+        return app.run(config, config_path)
     except KeyboardInterrupt:
         return 130
-    return result if isinstance(result, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "check":
             print(summary(config, config_path))
             return 0
-        return _run(config, config_path, getattr(args, "log_level", None))
+        return _run(config, config_path, args)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"lb: {line}", file=sys.stderr)

@@ -6,10 +6,17 @@ import os
 import re
 import types
 from collections.abc import Sequence
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import ErrorDetails
 from yaml.constructor import ConstructorError
 
@@ -109,11 +116,29 @@ class Config(BaseModel):
     log_format: Literal["json", "text"] = Field(
         default="json", description="Operational log lines on stderr: JSON objects or text."
     )
+    workers: Annotated[
+        int, WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"const": "auto"}]})
+    ] = Field(
+        default=1,
+        ge=0,
+        description="Processes serving the client listener, each with its own event loop "
+        '(SO_REUSEPORT spreads connections); 1 is a single process, 0 or "auto" one per '
+        "CPU the process may run on. The command line's --workers overrides it.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: Any) -> Any:
+        if value == "auto":
+            return 0  # resolved to the CPU count when the proxy starts
+        if isinstance(value, bool) or (isinstance(value, str) and not value.isdigit()):
+            raise ValueError(f'expected a number of workers or "auto" (got {value!r})')
+        return value
 
     def pool_timeouts(self, pool: PoolConfig) -> Timeouts:
         """The timeouts that apply to ``pool``: the global ones, with any keys the pool sets."""
