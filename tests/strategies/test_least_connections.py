@@ -8,6 +8,7 @@ from collections import Counter
 from lb.backend import Backend
 from lb.load import Attempt
 from lb.strategies import LeastConnections, RequestInfo
+from lb.strategies.least_connections import FULL_SCAN_MAX_CANDIDATES
 
 REQUEST = RequestInfo(method="POST", path="/v1/chat/completions")
 
@@ -106,3 +107,81 @@ def test_a_backend_failing_fast_is_not_preferred_and_is_tried_again_once_quiet()
     now[0] += 120.0  # twelve decay periods without a failure
     picks = Counter(strategy.pick(backends, REQUEST) for _ in range(2000))
     assert picks[failing] > 800
+
+
+def test_sixteen_equal_weight_candidates_are_all_scanned() -> None:
+    """Up to 16 candidates the single least loaded backend takes every pick."""
+    backends = make_backends(*[1] * FULL_SCAN_MAX_CANDIDATES)
+    for backend in backends:
+        backend.in_flight = 5
+    idle = backends[7]
+    idle.in_flight = 0
+    strategy = make_strategy(backends)
+    assert {strategy.pick(backends, REQUEST) for _ in range(200)} == {idle}
+
+
+def test_above_sixteen_equal_weight_candidates_the_better_of_two_random_ones_wins() -> None:
+    """Over 17 equal-weight candidates the least loaded wins only when drawn: 2 picks in 17."""
+    backends = make_backends(*[1] * (FULL_SCAN_MAX_CANDIDATES + 1))
+    for backend in backends:
+        backend.in_flight = 5
+    idle = backends[7]
+    idle.in_flight = 0
+    strategy = make_strategy(backends)
+    counts = Counter(strategy.pick(backends, REQUEST) for _ in range(17_000))
+    assert 1_800 <= counts[idle] <= 2_200
+    assert len(counts) == len(backends)
+
+
+def test_large_equal_weight_pool_never_picks_its_busiest_backend() -> None:
+    """In a pool of 100, a backend busier than all others loses every comparison it is in."""
+    backends = make_backends(*[1] * 100)
+    rng = random.Random(7)
+    for backend in backends:
+        backend.in_flight = rng.randint(0, 8)
+    busiest = backends[42]
+    busiest.in_flight = 9
+    strategy = make_strategy(backends)
+    assert busiest not in {strategy.pick(backends, REQUEST) for _ in range(5_000)}
+
+
+def test_large_equal_weight_pool_passes_over_a_backend_failing_fast() -> None:
+    """In a pool of 100 idle backends, one with recent failures is never picked."""
+    now = [100.0]
+    backends = make_backends(*[1] * 100)
+    failing = backends[3]
+    attempt = Attempt(failing, clock=lambda: now[0])
+    attempt.response_started(503)
+    attempt.finish()
+    strategy = LeastConnections(backends, rng=random.Random(1234), clock=lambda: now[0])
+    assert failing not in {strategy.pick(backends, REQUEST) for _ in range(5_000)}
+
+
+def test_large_equal_weight_pool_spreads_idle_picks_evenly() -> None:
+    """40 idle equal-weight backends each get 1000 of 40,000 picks, within 15%."""
+    backends = make_backends(*[1] * 40)
+    strategy = make_strategy(backends)
+    counts = Counter(strategy.pick(backends, REQUEST) for _ in range(40_000))
+    assert all(850 <= counts[b] <= 1_150 for b in backends)
+
+
+def test_large_equal_weight_pool_keeps_in_flight_counts_within_a_few_requests() -> None:
+    """Filling 100 backends with 2,000 requests keeps every count in 14..23 (average 20; uniformly
+    random picks would spread about 8..35)."""
+    backends = make_backends(*[1] * 100)
+    strategy = make_strategy(backends)
+    for _ in range(2_000):
+        strategy.pick(backends, REQUEST).in_flight += 1
+    assert max(b.in_flight for b in backends) <= 23
+    assert min(b.in_flight for b in backends) >= 14
+
+
+def test_large_pool_with_unequal_weights_still_scans_every_candidate() -> None:
+    """With weights 1 and 2 in a pool of 100, the single least loaded backend takes every pick."""
+    backends = make_backends(*[2 if i % 4 == 3 else 1 for i in range(100)])
+    for backend in backends:
+        backend.in_flight = 5
+    idle = backends[50]
+    idle.in_flight = 0
+    strategy = make_strategy(backends)
+    assert {strategy.pick(backends, REQUEST) for _ in range(200)} == {idle}
