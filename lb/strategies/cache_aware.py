@@ -14,8 +14,11 @@ For each request, over the candidates, with ``load = in_flight``:
    Affinity must not pile a hot prefix onto one server while others idle.
 2. Otherwise the candidate holding the longest prefix of the prompt, if
    ``matched_chars / len(prompt) >= cache_threshold`` (default 0.5).
-3. Otherwise the candidate whose tree holds the fewest characters: the one with the most room
-   in its cache for a new prefix (and so new prefixes spread over the backends).
+3. Otherwise (no backend holds enough of the prompt to matter) the least-loaded candidate,
+   and among equally loaded ones the one whose tree holds the fewest characters: the most
+   room in its cache for a new prefix, so new prefixes spread over the backends. A prompt
+   no cache can help is placed by load alone, so a slow replica does not take a full share
+   of new work just because its tree is small (sglang goes by tree size first).
 
 Ties are broken by the lower ``in_flight``, then uniformly at random. The prompt is then
 recorded under the chosen backend, whichever rule chose it, as sglang does. Weights are not
@@ -180,8 +183,8 @@ class CacheAware(Strategy):
                 chosen = self._least_loaded(holders)
                 self._reason = f"prefix match {int(share * 100)}%"
             else:
-                chosen = self._smallest_tree(candidates)
-                self._reason = "no match: smallest tree"
+                chosen = self._least_loaded_then_smallest_tree(candidates)
+                self._reason = "no match: least loaded"
 
         tree = self.tree
         tree.insert(prompt, chosen)
@@ -190,7 +193,7 @@ class CacheAware(Strategy):
         return chosen
 
     def explain(self, backend: Backend, request: RequestInfo) -> str:
-        """The rule that chose the last pick: a match share, the imbalance or the smallest tree."""
+        """The rule that chose the last pick: a match share, the imbalance, or no match."""
         return self._reason
 
     def _least_loaded(self, backends: Sequence[Backend]) -> Backend:
@@ -208,14 +211,15 @@ class CacheAware(Strategy):
                     best = backend
         return best
 
-    def _smallest_tree(self, candidates: Sequence[Backend]) -> Backend:
-        """The candidate caching the fewest characters, then least ``in_flight``, then random."""
+    def _least_loaded_then_smallest_tree(self, candidates: Sequence[Backend]) -> Backend:
+        """The candidate with the least ``in_flight``, then caching the fewest characters,
+        then at random."""
         sizes = self.tree.tenant_chars
         best = candidates[0]
-        best_key = (sizes.get(best, 0), best.in_flight)
+        best_key = (best.in_flight, sizes.get(best, 0))
         ties = 1
         for backend in candidates[1:]:
-            key = (sizes.get(backend, 0), backend.in_flight)
+            key = (backend.in_flight, sizes.get(backend, 0))
             if key < best_key:
                 best, best_key, ties = backend, key, 1
             elif key == best_key:

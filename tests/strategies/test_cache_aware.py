@@ -56,7 +56,7 @@ def test_different_prefixes_spread_by_smallest_tree() -> None:
 
 
 def test_prompt_sharing_only_a_short_prefix_does_not_stick() -> None:
-    """A prompt matching 10% of a cached one goes to the backend with the smallest tree."""
+    """A prompt matching 10% of a cached one goes, loads being equal, to the smallest tree."""
     backends = make_backends(3)
     strategy = make_strategy(backends)
     rng = random.Random(3)
@@ -65,7 +65,7 @@ def test_prompt_sharing_only_a_short_prefix_does_not_stick() -> None:
     second = prompt(shared + random_text(rng, 900))
     chosen = strategy.pick(backends, second)
     assert chosen is not first
-    assert strategy.explain(chosen, second) == "no match: smallest tree"
+    assert strategy.explain(chosen, second) == "no match: least loaded"
 
 
 def test_hot_prefix_does_not_flood_its_owner() -> None:
@@ -115,15 +115,25 @@ def test_eviction_keeps_the_tree_within_budget_and_keeps_recent_prompts() -> Non
     assert all(strategy.tree.match(text, backends)[0] < 10 for text in prompts[:30])
 
 
-def test_candidates_without_the_best_match_fall_back_to_the_smallest_tree() -> None:
-    """The backend holding the prefix is not a candidate: another is chosen by tree size."""
+def test_candidates_without_the_best_match_fall_back_to_the_least_loaded() -> None:
+    """The backend holding the prefix is not a candidate: another is chosen by load."""
     a, b, c = backends = make_backends(3)
     strategy = make_strategy(backends)
     request = prompt(SYSTEM)
     assert strategy.pick([a], request) is a
     chosen = strategy.pick([b, c], request)
     assert chosen in (b, c)
-    assert strategy.explain(chosen, request) == "no match: smallest tree"
+    assert strategy.explain(chosen, request) == "no match: least loaded"
+
+
+def test_a_prompt_no_cache_helps_goes_to_the_least_loaded_not_the_smallest_tree() -> None:
+    """Without a useful match, load decides before tree size: a busy empty cache loses."""
+    a, b = backends = make_backends(2)
+    strategy = make_strategy(backends)
+    strategy.pick([a], prompt(SYSTEM))  # a holds a large tree, b none
+    a.in_flight, b.in_flight = 0, 3
+    rng = random.Random(9)
+    assert strategy.pick(backends, prompt(random_text(rng, 500))) is a
 
 
 def test_candidates_subset_picks_the_best_match_among_them() -> None:
