@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: run test lint typecheck check bench bench-picking clean system-deps
+.PHONY: run test lint typecheck check bench bench-picking bench-routing clean system-deps
 
 # Runtime install: the package alone.
 $(VENV)/.installed: pyproject.toml
@@ -55,6 +55,10 @@ check: lint typecheck test
 ## bench: proxy against direct-to-backend, results in benchmarks/results/
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.bench
+
+## bench-routing: strategies and peer routers on a simulated fleet (shared prefixes, slow replica)
+bench-routing: $(VENV)/.installed-dev
+	$(PY) -m benchmarks.routing
 
 ## bench-picking: cost of one pick per strategy from 2 to 1,000 backends
 bench-picking: $(VENV)/.installed-dev
