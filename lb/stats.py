@@ -7,7 +7,7 @@ Prometheus samples when scraped, so recording a request costs a few list operati
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from lb.histogram import LATENCY_BUCKETS_S, Histogram
 from lb.inference import InferenceStats
@@ -15,8 +15,7 @@ from lb.inference import InferenceStats
 __all__ = ["LATENCY_BUCKETS_S", "Decision", "ErrorRecord", "Histogram", "PoolStats"]
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorRecord:
+class ErrorRecord(NamedTuple):
     """One failure worth showing an operator: when, which request, which backend, what."""
 
     time: float  # Unix time
@@ -31,9 +30,9 @@ RECENT_ERRORS = 50
 RECENT_DECISIONS = 100
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One routing decision: which backend a request went to, and why."""
+class Decision(NamedTuple):
+    """One routing decision: which backend a request went to, and why (a tuple: one is made
+    per request)."""
 
     time: float  # Unix time
     request_id: str

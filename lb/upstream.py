@@ -64,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self.closed = False
+        self._reading_paused = False
         self.requests_sent = 0
         self.idle_since_s = 0.0
         self.body: RequestSource | None = None
@@ -112,11 +113,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def pause_reading(self) -> None:
-        if not self.closed and self.transport is not None:
+        if not self.closed and self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if not self.closed and self.transport is not None:
+        # Only when paused: resuming a reading transport still costs uvloop a system call.
+        if not self.closed and self.transport is not None and self._reading_paused:
+            self._reading_paused = False
             self.transport.resume_reading()
 
     def _release(self) -> None:
@@ -127,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed:
             return
         if not self._broken and self._keep_alive and body is not None and body.complete:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.resume_reading()
             self.pool.release(self)
         else:
             self.close()
