@@ -36,6 +36,7 @@ import aiohttp
 
 from lb.backend import Backend
 from lb.config_resilience import HealthCheck, parse_status_ranges
+from lb.probing import ProbeTasks, probe_session
 
 log = logging.getLogger("lb.health")
 
@@ -158,8 +159,7 @@ class HealthChecker:
         self._stats: dict[Backend, ProbeStats] = {
             b: kept.get(b) or ProbeStats() for b in self.backends
         }
-        self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._probes = ProbeTasks()
         self._started = False
 
     def state(self, backend: Backend) -> HealthState:
@@ -183,31 +183,14 @@ class HealthChecker:
             return
         asyncio.get_running_loop()  # raises RuntimeError outside a loop, before any side effect
         if self.config.type == "http":
-            # One keep-alive connection per backend, reused from probe to probe (a probe per
-            # interval should not cost a handshake each time). `limit=0`: no cap on the total,
-            # so a large pool's probes never queue behind each other.
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=1, force_close=False)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
-                headers={"User-Agent": USER_AGENT},
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-            )
+            self._probes.session = probe_session(self.config.timeout_s, {"User-Agent": USER_AGENT})
         for backend in self.backends:
             name = f"health:{self.pool_name}:{backend.name}"
-            self._tasks.append(asyncio.create_task(self._run(backend), name=name))
+            self._probes.spawn(self._run(backend), name)
 
     async def stop(self) -> None:
         """Cancel and await every probe task, then close the HTTP session; idempotent."""
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._probes.stop()
 
     async def _run(self, backend: Backend) -> None:
         state = self._states[backend]
@@ -259,11 +242,11 @@ class HealthChecker:
             self._stats[backend].last_duration_s = time.monotonic() - started
 
     async def _probe_http(self, backend: Backend) -> tuple[bool, str]:
-        assert self._session is not None  # set by start() for http checks
+        assert self._probes.session is not None  # set by start() for http checks
         host = f"[{backend.host}]" if ":" in backend.host else backend.host  # an IPv6 literal
         url = f"{backend.scheme}://{host}:{backend.port}{self.config.path}"
         # The session's total timeout covers connecting, the head and the body read.
-        async with self._session.get(url, allow_redirects=False) as resp:
+        async with self._probes.session.get(url, allow_redirects=False) as resp:
             budget = MAX_BODY_BYTES
             while budget > 0:
                 chunk = await resp.content.read(budget)

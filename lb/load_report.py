@@ -58,6 +58,7 @@ import aiohttp
 
 from lb.backend import Backend
 from lb.config_load_report import LoadReport
+from lb.probing import ProbeTasks, probe_session
 
 log = logging.getLogger("lb.load_report")
 
@@ -257,8 +258,7 @@ class LoadReporter:
         self._stats: dict[Backend, ScrapeStats] = {
             b: kept.get(b) or ScrapeStats() for b in self.backends
         }
-        self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._probes = ProbeTasks()
         self._started = False
 
     def stats(self, backend: Backend) -> ScrapeStats:
@@ -277,30 +277,16 @@ class LoadReporter:
         if not self.config.enabled or not self.backends:
             return
         asyncio.get_running_loop()  # raises RuntimeError outside a loop, before any side effect
-        # One keep-alive connection per backend, reused from scrape to scrape; `limit=0`: no
-        # cap on the total, so a large pool's scrapes never queue behind each other.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=1, force_close=False)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
+        self._probes.session = probe_session(
+            self.config.timeout_s, {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         )
         for backend in self.backends:
             name = f"load-report:{self.pool_name}:{backend.name}"
-            self._tasks.append(asyncio.create_task(self._run(backend), name=name))
+            self._probes.spawn(self._run(backend), name)
 
     async def stop(self) -> None:
         """Cancel and await every scrape task, then close the HTTP session; idempotent."""
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._probes.stop()
 
     async def _run(self, backend: Backend) -> None:
         interval_s = self.config.interval_s
@@ -327,12 +313,12 @@ class LoadReporter:
         self._apply(backend, stats, values)
 
     async def _fetch(self, backend: Backend) -> bytes:
-        assert self._session is not None  # set by start()
+        assert self._probes.session is not None  # set by start()
         host = f"[{backend.host}]" if ":" in backend.host else backend.host  # an IPv6 literal
         url = f"{backend.scheme}://{host}:{backend.port}{self.config.path}"
         # The session's total timeout covers connecting, the head and the body read. The body
         # is read to its end even on a bad status, so the connection can be kept alive.
-        async with self._session.get(url, allow_redirects=False) as resp:
+        async with self._probes.session.get(url, allow_redirects=False) as resp:
             if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
                 raise ScrapeError(f"body of {resp.content_length} bytes is too large")
             chunks: list[bytes] = []
