@@ -107,11 +107,6 @@ class NoBackendAvailable(ProxyError):
     type = "no_backend_available"
 
 
-class ShuttingDown(ProxyError):
-    status = 503
-    type = "shutting_down"
-
-
 class UpstreamTimeout(UpstreamError):
     status = 504
     type = "timeout"

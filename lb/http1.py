@@ -29,9 +29,6 @@ HOP_BY_HOP = frozenset(
 
 REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
 
-# Statuses whose responses never carry a body (RFC 9112 section 6.3).
-NO_BODY_STATUSES = frozenset({204, 304})
-
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 

@@ -234,3 +234,22 @@ async def raw_exchange(port: int, data: bytes, *, read_timeout_s: float = 5.0) -
         return out
     finally:
         writer.close()
+
+
+START_TIMEOUT_S = 15.0
+
+
+async def wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
+    """Return once 127.0.0.1:``port`` accepts connections; fail if the process exits first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT_S
+    while loop.time() < deadline:
+        assert proc.returncode is None, "the proxy exited during start-up"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise AssertionError(f"the proxy did not listen on {port} within {START_TIMEOUT_S}s")

@@ -19,7 +19,7 @@ import yaml
 import lb.access_log
 from lb.access_log import AccessLogger
 from lb.app import App
-from tests.conftest import free_port, pool, proxy_config, raw_exchange, url
+from tests.conftest import free_port, pool, proxy_config, raw_exchange, url, wait_listening
 
 FIELDS = {
     "time",
@@ -269,24 +269,6 @@ async def test_lines_are_written_in_one_batch(backends, start_proxy, monkeypatch
 
 # -- the real process --------------------------------------------------------------------------
 
-START_TIMEOUT_S = 15.0
-
-
-async def _wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
-    """Return once 127.0.0.1:``port`` accepts connections; fail if the process exits first."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_TIMEOUT_S
-    while loop.time() < deadline:
-        assert proc.returncode is None, "the proxy exited during start-up"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise AssertionError(f"the proxy did not listen on {port} within {START_TIMEOUT_S}s")
-
 
 async def test_the_process_writes_access_lines_on_stdout_and_json_logs_on_stderr(
     backends, tmp_path: Path
@@ -304,7 +286,7 @@ async def test_the_process_writes_access_lines_on_stdout_and_json_logs_on_stderr
             sys.executable, "-m", "lb", "--config", str(path), stdout=out, stderr=err
         )
     try:
-        await _wait_listening(port, proc)
+        await wait_listening(port, proc)
         async with (
             aiohttp.ClientSession() as s,
             s.post(f"http://127.0.0.1:{port}/v1/chat?x=1", data=b"hello") as resp,

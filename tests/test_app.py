@@ -13,24 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import free_port, pool, proxy_config
-
-START_TIMEOUT_S = 15.0
-
-
-async def _wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_TIMEOUT_S
-    while loop.time() < deadline:
-        assert proc.returncode is None, "the proxy exited during start-up"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise AssertionError(f"the proxy did not listen on {port} within {START_TIMEOUT_S}s")
+from tests.conftest import free_port, pool, proxy_config, wait_listening
 
 
 @pytest.fixture
@@ -48,7 +31,7 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[object]:
             )
         procs.append(proc)
         port = config["listen"]["port"]  # type: ignore[index]
-        await _wait_listening(port, proc)
+        await wait_listening(port, proc)
         return proc
 
     yield start
