@@ -26,6 +26,7 @@ class RequestBody:
     __slots__ = (
         "_chunks",
         "_collect_limit",
+        "_completion",
         "_holding",
         "_on_hold",
         "_sent_any",
@@ -66,6 +67,7 @@ class RequestBody:
         self._holding = False
         self._collect_limit = 0  # while collecting: hold up to this instead of hold_bytes
         self._waiter: asyncio.Future[None] | None = None
+        self._completion: asyncio.Future[None] | None = None  # for observers (a mirror)
 
     @property
     def sent_any(self) -> bool:
@@ -114,6 +116,17 @@ class RequestBody:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        completion = self._completion
+        if self.complete and completion is not None and not completion.done():
+            completion.set_result(None)
+
+    async def completed(self) -> None:
+        """Wait until the client has sent the whole body, without taking any of it."""
+        if self.complete:
+            return
+        if self._completion is None:
+            self._completion = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._completion)
 
     async def collect(self, limit: int) -> bytes:
         """Wait for the whole body and return it; it stays held, to be forwarded as it came.

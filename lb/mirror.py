@@ -51,10 +51,11 @@ class Mirrors:
     async def _send(self, pool: Pool, req: IncomingRequest, info: RequestInfo) -> None:
         body = req.body
         # The copy waits for the body without taking it: the primary forwards it meanwhile.
-        for _ in range(int(MIRROR_TIMEOUT_S / 0.05)):
-            if body.complete:
-                break
-            await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(MIRROR_TIMEOUT_S):
+                await body.completed()
+        except TimeoutError:
+            pass
         if not body.complete or not body.replayable:
             self.skipped += 1
             return
