@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -31,6 +31,7 @@ from lb.errors import (
     error_body,
 )
 from lb.http1 import Headers, status_line
+from lb.timers import Deadline
 
 log = logging.getLogger("lb.downstream")
 
@@ -133,7 +134,8 @@ class ClientConnection(asyncio.Protocol):
         self._current: IncomingRequest | None = None
         self._queue: deque[IncomingRequest] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # One deadline for the header timeout and the keep-alive idle timeout (never both).
+        self._deadline = Deadline(self.loop, self._on_header_timeout)
         self._pause = 0
         self._header_bytes = 0
         self._head_raw_bytes = 0
@@ -152,7 +154,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
             return
         self.handler.connections.add(self)
-        self._arm(self.limits.header_timeout_s, self._on_header_timeout)
+        self._deadline.set_in(self.limits.header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -179,9 +181,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.handler.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         self._queue.clear()
         if self._task is not None:
             self._task.cancel()  # the handler aborts the upstream request: the client is gone
@@ -204,7 +204,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_raw_bytes = 0
         self._headers_done = False
         if self._current is None:
-            self._arm(self.limits.header_timeout_s, self._on_header_timeout)
+            self._deadline.set_in(self.limits.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         self._count_header_bytes(len(url))
@@ -287,7 +287,7 @@ class ClientConnection(asyncio.Protocol):
             complete=not has_body,
         )
         if self._current is None:
-            self._cancel_timer()
+            self._deadline.set(None)
             self._start(req)
         else:
             self._queue.append(req)
@@ -339,9 +339,9 @@ class ClientConnection(asyncio.Protocol):
                 self._resume_reading(PAUSE_PIPELINE)
             self._start(nxt)
         elif self._parsing is None:
-            self._arm(self.limits.keepalive_timeout_s, self.close)
+            self._deadline.set_in(self.limits.keepalive_timeout_s)
         else:
-            self._arm(self.limits.header_timeout_s, self._on_header_timeout)
+            self._deadline.set_in(self.limits.header_timeout_s)
 
     def answer_error(self, req: IncomingRequest | None, err: ProxyError) -> None:
         """Answer ``err`` as JSON; after a response has started, cut the connection instead."""
@@ -428,7 +428,7 @@ class ClientConnection(asyncio.Protocol):
             current.keep_alive = False
 
     def _on_header_timeout(self) -> None:
-        self._timer = None
+        """The head being read took too long (408), or an idle keep-alive connection expired."""
         if self._current is None and self._parsing is not None:
             self.answer_error(None, RequestTimeout("the request headers did not arrive in time"))
         self.close()
@@ -456,13 +456,3 @@ class ClientConnection(asyncio.Protocol):
         self._pause &= ~reasons
         if not self._pause and not self.closed:
             self.transport.resume_reading()
-
-    def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay_s, callback)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None

@@ -35,12 +35,10 @@ class Exchange:
         "_headers_timeout_s",
         "_idle_s",
         "_inference",
-        "_last_s",
         "_meter",
         "_out",
         "_retry_statuses",
         "_settings",
-        "_timer",
         "attempt",
         "client",
         "conn",
@@ -77,11 +75,9 @@ class Exchange:
         self._settings = settings
         self._headers_timeout_s = headers_timeout_s
         self._idle_s = idle_timeout_s
-        self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []
         self._chunked = False
         self._ended = False
-        self._last_s = 0.0
         self._retry_statuses = retry_statuses  # answers that are swallowed and retried
         self._discard = False
         self._headers: Headers = []
@@ -96,14 +92,10 @@ class Exchange:
         conn.begin(self, req.body, req.method == b"HEAD", data)
         if client.write_paused:
             conn.pause_reading()
-        if self._headers_timeout_s is not None:
-            self._timer = self.loop.call_later(self._headers_timeout_s, self._on_headers_timeout)
+        conn.deadline.set_in(self._headers_timeout_s)
 
     def close(self) -> None:
         """End the attempt whatever state it is in; the connection is cut if it is unfinished."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         body = self.req.body
         if body.sink is self.conn:
             body.detach()
@@ -118,9 +110,7 @@ class Exchange:
     def on_response_head(
         self, status: int, headers: Headers, framing: int, keep_alive: bool
     ) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.conn.deadline.set(None)
         self.status = status
         self.attempt.response_started(status)
         self._headers = headers
@@ -218,10 +208,14 @@ class Exchange:
                 self.client.transport.write(data)
                 self.req.bytes_out += len(data)
             out.clear()
-        if not self._ended and self.req.response_started and self._idle_s is not None:
-            self._last_s = self.loop.time()
-            if self._timer is None:
-                self._timer = self.loop.call_at(self._last_s + self._idle_s, self._on_idle_timer)
+        conn = self.conn
+        if (
+            not self._ended
+            and self.req.response_started
+            and self._idle_s is not None
+            and not conn.closed
+        ):
+            conn.deadline.set(self.loop.time() + self._idle_s)  # re-armed by every chunk
 
     def on_upstream_lost(self, error: UpstreamFailed, response_started: bool) -> None:
         self.flush()
@@ -238,23 +232,18 @@ class Exchange:
 
     # -- timers -----------------------------------------------------------------------------
 
-    def _on_headers_timeout(self) -> None:
-        self._timer = None
-        self.conn.abort()
-        self._resolve(
-            UpstreamTimeout(
-                f"backend {self.attempt.backend.name} sent no response headers "
-                f"within {self._headers_timeout_s:g}s"
+    def on_deadline(self) -> None:
+        """No response head within the headers timeout, or a gap longer than the idle one."""
+        if not self.status:
+            self.conn.abort()
+            self._resolve(
+                UpstreamTimeout(
+                    f"backend {self.attempt.backend.name} sent no response headers "
+                    f"within {self._headers_timeout_s:g}s"
+                )
             )
-        )
-
-    def _on_idle_timer(self) -> None:
-        self._timer = None
-        if self._ended or self._idle_s is None:
             return
-        due = self._last_s + self._idle_s
-        if self.loop.time() < due:
-            self._timer = self.loop.call_at(due, self._on_idle_timer)
+        if self._ended:
             return
         self.flush()
         self.conn.abort()

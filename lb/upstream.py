@@ -20,6 +20,7 @@ import httptools
 from lb.backend import Backend
 from lb.errors import UpstreamFailed, UpstreamUnreachable
 from lb.http1 import Headers
+from lb.timers import Deadline
 
 # How a response body is delimited on the wire (RFC 9112 section 6.3).
 FRAMING_NONE = 0  # HEAD, 204, 304: no body
@@ -53,6 +54,8 @@ class ResponseSink(Protocol):
 
     def flush(self) -> None: ...
 
+    def on_deadline(self) -> None: ...
+
     def on_upstream_write_paused(self, paused: bool) -> None: ...
 
 
@@ -68,6 +71,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests_sent = 0
         self.idle_since_s = 0.0
         self.body: RequestSource | None = None
+        # The current exchange's response deadline (headers, then idle gaps); it outlives
+        # exchanges so that moving it per request costs no loop timer.
+        self.deadline = Deadline(asyncio.get_running_loop(), self._on_deadline)
         self._parser = httptools.HttpResponseParser(self)
         self._reset_response_state()
 
@@ -123,9 +129,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
+    def _on_deadline(self) -> None:
+        if self.sink is not None:
+            self.sink.on_deadline()
+
     def _release(self) -> None:
         """The response is complete: back to the pool if the connection is clean, else close."""
         self.sink = None
+        self.deadline.set(None)
         body = self.body
         self.body = None
         if self.closed:
@@ -139,6 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Close at once, without flushing: the backend sees the request go away."""
         self.sink = None
+        self.deadline.cancel()
         if not self.closed:
             self.closed = True
             if self.transport is not None:
@@ -146,6 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.sink = None
+        self.deadline.cancel()
         if not self.closed:
             self.closed = True
             if self.transport is not None:
@@ -201,6 +214,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.deadline.cancel()
         self.pool.forget(self)
         sink = self.sink
         if sink is None:

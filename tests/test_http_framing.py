@@ -483,6 +483,22 @@ async def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(backe
         assert await client.rest_until_eof() == b""
 
 
+async def test_a_busy_keepalive_connection_outlives_the_header_and_keepalive_timeouts(
+    backends, start_proxy
+):
+    """Requests arriving more often than the timeouts keep one connection serving well past
+    them: each request moves the deadline on."""
+    backend, app = await start(backends, start_proxy, **FAST_TIMEOUTS)
+    async with connect(app) as client:
+        for i in range(12):  # about 1.2 s, four times both timeouts
+            await client.send(get(f"/busy{i}"))
+            resp = await client.response()
+            assert resp.status == 200
+            assert resp.json()["path"] == f"/busy{i}"
+            await asyncio.sleep(0.1)
+    assert backend.hits == 12
+
+
 # -- response framing --------------------------------------------------------------------------
 
 
