@@ -209,7 +209,7 @@ class Proxy:
     ) -> None:
         """Attempts until one answers, retrying what the route's policy allows."""
         policy = route.retry_policy(pool)
-        loop = asyncio.get_running_loop()
+        loop = client.loop  # not asyncio.get_running_loop(): on Python 3.11 that costs a getpid()
         deadline = loop.time() + policy.deadline_s if policy.deadline_s is not None else None
         tried: list[Backend] = []
         retries = 0

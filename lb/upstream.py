@@ -73,7 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.body: RequestSource | None = None
         # The current exchange's response deadline (headers, then idle gaps); it outlives
         # exchanges so that moving it per request costs no loop timer.
-        self.deadline = Deadline(asyncio.get_running_loop(), self._on_deadline)
+        self.loop = asyncio.get_running_loop()
+        self.deadline = Deadline(self.loop, self._on_deadline)
         self._parser = httptools.HttpResponseParser(self)
         self._reset_response_state()
 
@@ -367,7 +368,7 @@ class ConnectionPool:
         if self._closed or len(self._idle) >= self.max_idle:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = conn.loop  # not asyncio.get_running_loop(): on Python 3.11 that costs a getpid()
         conn.idle_since_s = loop.time()
         self._idle.append(conn)
         if self._reaper is None:
