@@ -114,7 +114,7 @@ async def get_decisions(request: web.Request) -> web.Response:
         {
             "pool": pool.name,
             "decisions": [
-                {"time": d.time, "request_id": d.request_id, "backend": d.backend,
+                {"time": d.time, "request_id": d.request_id.decode("latin-1"), "backend": d.backend,
                  "reason": d.reason}
                 for d in reversed(pool.stats.decisions)
             ],

@@ -140,20 +140,17 @@ class Exchange:
         req.status = status
         req.ttfb_s = time.monotonic() - req.started_s
         if self._inference is not None and 200 <= status < 300:
-            self._meter = self._meter_for(headers)
+            self._meter = self._meter_for(self.conn.content_type)
         if framing == FRAMING_NONE:
             self._chunked = False
 
-    def _meter_for(self, headers: Headers) -> ResponseMeter | None:
+    def _meter_for(self, content_type: bytes) -> ResponseMeter | None:
         assert self._inference is not None
-        for name, value in headers:
-            if name.lower() == b"content-type":
-                value = value.lower()
-                if b"event-stream" in value:
-                    return ResponseMeter(self._inference, self.req.started_s, sse=True)
-                if b"json" in value:
-                    return ResponseMeter(self._inference, self.req.started_s, sse=False)
-                return None
+        content_type = content_type.lower()
+        if b"event-stream" in content_type:
+            return ResponseMeter(self._inference, self.req.started_s, sse=True)
+        if b"json" in content_type:
+            return ResponseMeter(self._inference, self.req.started_s, sse=False)
         return None
 
     def on_response_body(self, data: bytes) -> None:
@@ -185,10 +182,7 @@ class Exchange:
         )
 
     def _is_event_stream(self) -> bool:
-        for name, value in self._headers:
-            if name.lower() == b"content-type":
-                return value.lower().startswith(b"text/event-stream")
-        return False
+        return self.conn.content_type.lower().startswith(b"text/event-stream")
 
     def _end_stream_with_error(self, error: ProxyError) -> None:
         """A started SSE response that breaks gets an ``error`` event before the cut."""

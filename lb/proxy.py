@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 
 from lb.access_log import AccessLogger
 from lb.backend import Backend
@@ -83,7 +84,20 @@ class Proxy:
             if self.models is not None and self.models.answers(req):
                 await self.models.answer(client, req)
                 return
-            route, pool, info = await self._route(req)
+            # Routing, inline: the body is awaited only when routing needs what it says.
+            info = RequestInfo(
+                method=req.method.decode(),
+                path=req.path.decode(errors="replace"),
+                headers=req.headers,
+            )
+            has_body = req.chunked or bool(req.content_length)
+            router = self.router
+            if has_body and router.needs_model(req):
+                await self._read_body_fields(req, info, strict=True)
+            route = router.match(req, info.model)
+            pool = route.choose_pool(self.rng)
+            if has_body and pool.strategy.needs_body and info.prompt is None and info.model is None:
+                await self._read_body_fields(req, info, strict=False)
             if route.auth is not None:
                 route.auth.check(req)
             if route.mirror is not None and self.mirrors is not None:
@@ -169,21 +183,6 @@ class Proxy:
             )
         )
 
-    async def _route(self, req: IncomingRequest) -> tuple[Route, Pool, RequestInfo]:
-        """The route and pool for ``req``, reading its body first when routing needs it."""
-        info = RequestInfo(
-            method=req.method.decode(), path=req.path.decode(errors="replace"), headers=req.headers
-        )
-        has_body = req.chunked or bool(req.content_length)
-        router = self.router
-        if has_body and router.needs_model(req):
-            await self._read_body_fields(req, info, strict=True)
-        route = router.match(req, info.model)
-        pool = route.choose_pool(self.rng)
-        if has_body and pool.strategy.needs_body and info.prompt is None and info.model is None:
-            await self._read_body_fields(req, info, strict=False)
-        return route, pool, info
-
     async def _read_body_fields(
         self, req: IncomingRequest, info: RequestInfo, *, strict: bool
     ) -> None:
@@ -214,7 +213,9 @@ class Proxy:
         tried: list[Backend] = []
         retries = 0
         while True:
-            backend = await self._choose(req, pool, tried, info)
+            backend = self._choose_now(req, pool, tried, info)
+            if backend is None:
+                backend = await self._choose_queued(req, pool, tried, info)
             tried.append(backend)
             # A retried status is read and dropped, so it is only swallowed when a retry is
             # sure to be allowed; other failures are judged once they happen.
@@ -265,40 +266,58 @@ class Proxy:
         body = req.body
         return body.can_replay and (not body.sent_any or body.size <= policy.replay_max_bytes)
 
-    async def _choose(
+    def _choose_now(
+        self, req: IncomingRequest, pool: Pool, tried: list[Backend], info: RequestInfo
+    ) -> Backend | None:
+        """A backend for the next attempt, if one can be had without waiting: an untried one
+        if any, else any eligible one. ``None`` when the request must queue (or fail)."""
+        candidates = pool.candidates(tried)
+        if not candidates and tried:
+            candidates = pool.candidates(())  # every backend was tried: retry on any
+        # First come, first served: a newcomer queues behind requests already waiting.
+        queue = pool.queue
+        if candidates and (queue is None or tried or not queue):
+            return self._pick(req, pool, candidates, tried, info)
+        return None
+
+    async def _choose_queued(
         self, req: IncomingRequest, pool: Pool, tried: list[Backend], info: RequestInfo
     ) -> Backend:
-        """A backend for the next attempt: an untried one if any, else any eligible one;
-        waits in the pool's queue while every eligible backend is full."""
+        """Wait in the pool's queue until an eligible backend has room, then pick it."""
         queue = pool.queue
         woken = False
         while True:
-            candidates = pool.candidates(tried)
-            if not candidates and tried:
-                candidates = pool.candidates(())  # every backend was tried: retry on any
-            # First come, first served: a newcomer queues behind requests already waiting.
-            if candidates and (queue is None or woken or tried or not queue):
-                strategy = pool.strategy
-                backend = candidates[0] if len(candidates) == 1 else strategy.pick(candidates, info)
-                if self.settings.decision_header is not None:
-                    reason = f"{strategy.name}: {strategy.explain(backend, info)}"
-                    req.decision = reason
-                    pool.stats.decisions.append(
-                        Decision(
-                            time.time(),
-                            (req.request_id or b"").decode("latin-1"),
-                            backend.name,
-                            reason,
-                        )
-                    )
-                shadow = pool.shadow_strategy
-                if shadow is not None and not tried:
-                    pool.stats.count_shadow(shadow.pick(candidates, info) is backend)
-                return backend
             if queue is None or not pool.eligible:
                 raise NoBackendAvailable(f"no available backend in pool {pool.name}")
-            await queue.wait(front=woken)
+            await queue.wait(front=woken)  # woken but beaten to the slot: first in line again
             woken = True
+            candidates = pool.candidates(tried)
+            if not candidates and tried:
+                candidates = pool.candidates(())
+            if candidates:
+                return self._pick(req, pool, candidates, tried, info)
+
+    def _pick(
+        self,
+        req: IncomingRequest,
+        pool: Pool,
+        candidates: Sequence[Backend],
+        tried: list[Backend],
+        info: RequestInfo,
+    ) -> Backend:
+        """Ask the pool's strategy; record why when decisions are reported."""
+        strategy = pool.strategy
+        backend = candidates[0] if len(candidates) == 1 else strategy.pick(candidates, info)
+        if self.settings.decision_header is not None:
+            reason = f"{strategy.name}: {strategy.explain(backend, info)}"
+            req.decision = reason
+            pool.stats.decisions.append(
+                Decision(time.time(), req.request_id or b"", backend.name, reason)
+            )
+        shadow = pool.shadow_strategy
+        if shadow is not None and not tried:
+            pool.stats.count_shadow(shadow.pick(candidates, info) is backend)
+        return backend
 
     async def _attempt(
         self,

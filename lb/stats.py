@@ -35,7 +35,7 @@ class Decision(NamedTuple):
     per request)."""
 
     time: float  # Unix time
-    request_id: str
+    request_id: bytes  # as on the wire; decoded when read
     backend: str
     reason: str
 

@@ -90,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = False
         self._close_delimited = False
         self._keep_alive = False
+        self.content_type = b""  # of the current response, once its head is parsed
 
     # -- used by the proxy ------------------------------------------------------------------
 
@@ -260,17 +261,26 @@ class UpstreamConnection(asyncio.Protocol):
         self._final = True
         self._headers_done = True
         self._keep_alive = self._parser.should_keep_alive()
+        # One pass over the headers: the body's framing, and its type for the sink.
+        content_type = b""
+        length = chunked = False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"content-type":
+                content_type = value
+            elif lname == b"content-length":
+                length = True
+            elif lname == b"transfer-encoding":
+                chunked = True
+        self.content_type = content_type
         if self._head_request or status in (204, 304):
             framing = FRAMING_NONE
+        elif chunked:  # Transfer-Encoding overrides Content-Length (RFC 9112 section 6.3)
+            framing = FRAMING_CHUNKED
+        elif length:
+            framing = FRAMING_LENGTH
         else:
             framing = FRAMING_CLOSE
-            for name, _ in self._headers:
-                lname = name.lower()
-                if lname == b"content-length":
-                    framing = FRAMING_LENGTH
-                elif lname == b"transfer-encoding":
-                    framing = FRAMING_CHUNKED
-                    break
         self._close_delimited = framing == FRAMING_CLOSE
         sink = self.sink
         if sink is None or self._broken:
