@@ -13,10 +13,10 @@ from lb.admission import AdmissionQueue
 from lb.backend import DEFAULT_DECAY_S, Backend
 from lb.client_auth import ClientKeys
 from lb.config import Config, ConfigError, client_api_keys
-from lb.downstream import ListenerLimits
 from lb.forwarding import ForwardingSettings
 from lb.outlier import OutlierDetector
 from lb.pool import Pool, PoolTimeouts
+from lb.request import ListenerLimits
 from lb.retry import RetryPolicy
 from lb.router import Route, Router
 from lb.strategies import build as build_strategy

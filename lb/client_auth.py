@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hmac
 
-from lb.downstream import IncomingRequest
 from lb.errors import ProxyError
+from lb.request import IncomingRequest
 
 
 class Unauthorized(ProxyError):

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from lb.downstream import ClientConnection, IncomingRequest
+from lb.downstream import ClientConnection
 from lb.errors import ProxyError, UpstreamFailed, UpstreamStatus, UpstreamTimeout, error_body
 from lb.forwarding import ForwardingSettings, response_head
 from lb.http1 import Headers, chunk, last_chunk
 from lb.inference import InferenceStats, ResponseMeter
 from lb.load import Attempt
+from lb.request import IncomingRequest
 from lb.retry import parse_retry_after
 from lb.upstream import FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 

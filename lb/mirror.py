@@ -15,10 +15,10 @@ import time
 
 import aiohttp
 
-from lb.downstream import IncomingRequest
 from lb.forwarding import HOP_BY_HOP_REQUEST
 from lb.load import Attempt
 from lb.pool import Pool
+from lb.request import IncomingRequest
 from lb.router import Route
 from lb.strategies import RequestInfo
 

@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
-from lb.downstream import ClientConnection, IncomingRequest
+from lb.downstream import ClientConnection
 from lb.pool import Pool
+from lb.request import IncomingRequest
 
 log = logging.getLogger("lb.models")
 

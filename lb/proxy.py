@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from lb.access_log import AccessLogger
 from lb.backend import Backend
-from lb.downstream import ClientConnection, IncomingRequest, ListenerLimits
+from lb.downstream import ClientConnection
 from lb.errors import (
     BadRequest,
     NoBackendAvailable,
@@ -35,6 +35,7 @@ from lb.mirror import Mirrors
 from lb.models_endpoint import ModelsEndpoint
 from lb.openai_body import parse_body
 from lb.pool import Pool
+from lb.request import IncomingRequest, ListenerLimits
 from lb.retry import RetryPolicy, retry_reason
 from lb.router import Route, Router
 from lb.stats import Decision, ErrorRecord

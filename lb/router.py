@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lb.client_auth import ClientKeys, Unauthorized
-from lb.downstream import IncomingRequest
 from lb.errors import ModelNotFound, NoRoute
 from lb.pool import Pool
+from lb.request import IncomingRequest
 from lb.retry import RetryPolicy
 
 

@@ -1,0 +1,81 @@
+"""A client request as the proxy holds it, and the limits a client connection enforces.
+
+:class:`IncomingRequest` is filled by :mod:`lb.downstream` as the head is parsed and carries
+the request's response state (status, bytes, timings) until the access log reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lb.body import RequestBody
+from lb.http1 import Headers
+
+
+@dataclass(slots=True)
+class ListenerLimits:
+    """Per-connection limits; see ``lb.config.Limits`` for the meaning and defaults."""
+
+    max_header_bytes: int = 65536
+    max_body_bytes: int = 32 << 20
+    header_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    replay_bytes: int = 1 << 20
+    max_connections: int = 10000
+    max_inspect_bytes: int = 8 << 20
+    request_id_header: bytes = b"x-request-id"
+
+
+class IncomingRequest:
+    """A client request: its head as received, its body stream and its response state."""
+
+    __slots__ = (
+        "attempts",
+        "backend_name",
+        "body",
+        "bytes_out",
+        "chunked",
+        "content_length",
+        "decision",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "request_id",
+        "response_reusable",
+        "response_started",
+        "started_s",
+        "status",
+        "ttfb_s",
+        "url",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.version = "1.1"
+        self.headers: Headers = []
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.host: bytes | None = None
+        self.request_id: bytes | None = None
+        self.body: RequestBody = None  # type: ignore[assignment]  # set at headers-complete
+        self.response_started = False
+        self.response_reusable = False  # the response was framed so the connection can go on
+        self.status = 0  # the status answered to the client, once known
+        self.started_s = 0.0  # loop time when the headers were complete
+        self.ttfb_s = -1.0  # seconds to the response head, once sent
+        self.bytes_out = 0  # response bytes written to the client
+        self.attempts = 0
+        self.backend_name: str | None = None  # the backend of the last attempt
+        self.decision = ""  # "strategy: why", for the decision header
+
+    @property
+    def path(self) -> bytes:
+        """The request target without the query string."""
+        q = self.url.find(b"?")
+        return self.url if q < 0 else self.url[:q]
