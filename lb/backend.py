@@ -8,6 +8,7 @@ admin side read them. What is read is what was used.
 from __future__ import annotations
 
 import math
+import ssl
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -72,6 +73,11 @@ class Backend:
     reported_kv_usage: float | None = None  # KV-cache usage, 0..1
     reported_at_s: float = 0.0
 
+    # TLS for https:// backends, set from the pool's ``tls`` settings (lb.tls): the client
+    # context and the name checked in the certificate (None: the host).
+    ssl_context: ssl.SSLContext | None = None
+    server_name: str | None = None
+
     @classmethod
     def from_url(
         cls,
@@ -102,6 +108,12 @@ class Backend:
 
     def __post_init__(self) -> None:
         self.effective_weight = float(self.weight)
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host:port``, with an IPv6 literal in brackets: the base of URLs to it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
 
     @property
     def has_room(self) -> bool:

@@ -20,6 +20,7 @@ from lb.request import ListenerLimits
 from lb.retry import RetryPolicy
 from lb.router import Route, Router
 from lb.strategies import build as build_strategy
+from lb.tls import client_context
 from lb.upstream import ConnectionPool
 
 
@@ -41,6 +42,13 @@ def build_pools(
         prev = previous.get(pc.name) if previous else None
         kept = {(b.url, b.name): b for b in prev.backends} if prev else {}
         pool_limit = pc.admission.max_concurrency
+        context = None
+        if any(bc.url.lower().startswith("https://") for bc in pc.backends):
+            try:
+                context = client_context(pc.tls)
+            except ValueError as exc:
+                problems.append((f"pools[{i}].tls", str(exc)))
+                continue
         backends: list[Backend] = []
         fresh: list[Backend] = []
         for bc in pc.backends:
@@ -51,6 +59,8 @@ def build_pools(
                     backend.healthy = False
                 fresh.append(backend)
             backend.weight = bc.weight
+            backend.ssl_context = context if backend.scheme == "https" else None
+            backend.server_name = pc.tls.server_name if pc.tls is not None else None
             backend.effective_weight = float(bc.weight)
             backend.max_concurrency = bc.max_concurrency or pool_limit
             backends.append(backend)

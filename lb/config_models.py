@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lb.config_load_report import LoadReport
-from lb.config_ops import ClientAuth
+from lb.config_ops import BackendTLS, ClientAuth
 from lb.config_resilience import Admission, HealthCheck, OutlierDetection, Retry
 
 _Model = ConfigDict(extra="forbid", frozen=True)
@@ -267,6 +267,11 @@ class PoolConfig(BaseModel):
     shadow_strategy: str | None = Field(
         default=None,
         description="A strategy computed beside the real one, to count how often they agree.",
+    )
+    tls: BackendTLS | None = Field(
+        default=None,
+        description="Certificate checks for the pool's https:// backends (CA file, client "
+        "certificate, server name); default: verify against the system's CAs.",
     )
 
 

@@ -1,8 +1,8 @@
-"""The configuration of operations: admin access, access logs, and client API keys."""
+"""The configuration of operations: admin access, access logs, client API keys, backend TLS."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _Model = ConfigDict(extra="forbid", frozen=True)
 
@@ -41,3 +41,37 @@ class ClientAuth(BaseModel):
         if any(not key.strip() for key in value):
             raise ValueError("an API key is empty")
         return value
+
+
+class BackendTLS(BaseModel):
+    """How the proxy checks ``https://`` backends, and the certificate it shows them."""
+
+    model_config = _Model
+
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM file of the CAs that sign the backends' certificates; "
+        "default: the system's trusted CAs.",
+    )
+    verify: bool = Field(
+        default=True,
+        description="Check the backends' certificates and names; false accepts any "
+        "certificate (traffic is still encrypted, but not authenticated).",
+    )
+    server_name: str | None = Field(
+        default=None,
+        description="Name sent in SNI and expected in the certificate; default: the backend's "
+        "host.",
+    )
+    cert_file: str | None = Field(
+        default=None, description="PEM client certificate, for backends that require one."
+    )
+    key_file: str | None = Field(
+        default=None, description="PEM private key of cert_file (if not inside cert_file)."
+    )
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> BackendTLS:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not")
+        return self

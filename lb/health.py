@@ -37,6 +37,7 @@ import aiohttp
 from lb.backend import Backend
 from lb.config_resilience import HealthCheck, parse_status_ranges
 from lb.probing import ProbeTasks, probe_session
+from lb.tls import aiohttp_tls
 
 log = logging.getLogger("lb.health")
 
@@ -243,10 +244,11 @@ class HealthChecker:
 
     async def _probe_http(self, backend: Backend) -> tuple[bool, str]:
         assert self._probes.session is not None  # set by start() for http checks
-        host = f"[{backend.host}]" if ":" in backend.host else backend.host  # an IPv6 literal
-        url = f"{backend.scheme}://{host}:{backend.port}{self.config.path}"
+        url = backend.origin + self.config.path
         # The session's total timeout covers connecting, the head and the body read.
-        async with self._probes.session.get(url, allow_redirects=False) as resp:
+        async with self._probes.session.get(
+            url, allow_redirects=False, **aiohttp_tls(backend)
+        ) as resp:
             budget = MAX_BODY_BYTES
             while budget > 0:
                 chunk = await resp.content.read(budget)

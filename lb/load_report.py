@@ -59,6 +59,7 @@ import aiohttp
 from lb.backend import Backend
 from lb.config_load_report import LoadReport
 from lb.probing import ProbeTasks, probe_session
+from lb.tls import aiohttp_tls
 
 log = logging.getLogger("lb.load_report")
 
@@ -314,11 +315,12 @@ class LoadReporter:
 
     async def _fetch(self, backend: Backend) -> bytes:
         assert self._probes.session is not None  # set by start()
-        host = f"[{backend.host}]" if ":" in backend.host else backend.host  # an IPv6 literal
-        url = f"{backend.scheme}://{host}:{backend.port}{self.config.path}"
+        url = backend.origin + self.config.path
         # The session's total timeout covers connecting, the head and the body read. The body
         # is read to its end even on a bad status, so the connection can be kept alive.
-        async with self._probes.session.get(url, allow_redirects=False) as resp:
+        async with self._probes.session.get(
+            url, allow_redirects=False, **aiohttp_tls(backend)
+        ) as resp:
             if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
                 raise ScrapeError(f"body of {resp.content_length} bytes is too large")
             chunks: list[bytes] = []

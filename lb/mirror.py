@@ -21,6 +21,7 @@ from lb.pool import Pool
 from lb.request import IncomingRequest
 from lb.router import Route
 from lb.strategies import RequestInfo
+from lb.tls import aiohttp_tls
 
 log = logging.getLogger("lb.mirror")
 
@@ -70,14 +71,14 @@ class Mirrors:
             for n, v in req.headers
             if n.lower() not in HOP_BY_HOP_REQUEST
         ]
-        url = f"{backend.scheme}://{backend.host}:{backend.port}{req.url.decode('latin-1')}"
+        url = backend.origin + req.url.decode("latin-1")
         started = time.monotonic()
         status = 0
         with Attempt(backend, decay_s=pool.rtt_decay_s) as attempt:
             try:
                 session = self._client()
                 async with session.request(
-                    req.method.decode(), url, headers=headers, data=data
+                    req.method.decode(), url, headers=headers, data=data, **aiohttp_tls(backend)
                 ) as resp:
                     attempt.response_started(resp.status)
                     status = resp.status

@@ -16,9 +16,11 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
+from lb.backend import Backend
 from lb.downstream import ClientConnection
 from lb.pool import Pool
 from lb.request import IncomingRequest
+from lb.tls import aiohttp_tls
 
 log = logging.getLogger("lb.models")
 
@@ -64,19 +66,19 @@ class ModelsEndpoint:
         models: list[str] = []
         for backend in pool.eligible[:2]:
             try:
-                models = await self._fetch(f"{backend.scheme}://{backend.host}:{backend.port}")
+                models = await self._fetch(backend)
                 break
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
                 log.debug("pool=%s backend=%s /v1/models failed: %s", pool.name, backend.name, exc)
         self._cache[pool.name] = (now, models)
         return models
 
-    async def _fetch(self, base: str) -> list[str]:
+    async def _fetch(self, backend: Backend) -> list[str]:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
             )
-        async with self._session.get(base + "/v1/models") as resp:
+        async with self._session.get(backend.origin + "/v1/models", **aiohttp_tls(backend)) as resp:
             resp.raise_for_status()
             data = await resp.json(content_type=None)
         return [m["id"] for m in data["data"] if isinstance(m.get("id"), str)]

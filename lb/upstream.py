@@ -10,6 +10,7 @@ the backend did not ask to close; otherwise it is closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import ssl
@@ -305,6 +306,12 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_end(self._trailers)
 
 
+@functools.cache
+def _default_context() -> ssl.SSLContext:
+    """The system's trusted CAs with hostname checks, for backends with no pool settings."""
+    return ssl.create_default_context()
+
+
 class ConnectionPool:
     """Keep-alive connections to one backend, most recently used first.
 
@@ -319,14 +326,10 @@ class ConnectionPool:
         *,
         max_idle: int = 128,
         idle_timeout_s: float = 30.0,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.backend = backend
         self.max_idle = max_idle
         self.idle_timeout_s = idle_timeout_s
-        self._ssl = ssl_context
-        if backend.scheme == "https" and ssl_context is None:
-            self._ssl = ssl.create_default_context()
         self._idle: list[UpstreamConnection] = []
         self._reaper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -350,21 +353,30 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         backend = self.backend
         self.connects_total += 1
+        context = None
+        if backend.scheme == "https":
+            # The context is read at each connect, so a reload's new TLS settings apply to
+            # every connection opened after it.
+            context = backend.ssl_context or _default_context()
         try:
             async with asyncio.timeout(timeout_s):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self),
                     backend.host,
                     backend.port,
-                    ssl=self._ssl,
-                    server_hostname=backend.host if self._ssl else None,
+                    ssl=context,
+                    server_hostname=(backend.server_name or backend.host) if context else None,
                 )
         except TimeoutError:
             raise UpstreamUnreachable(
                 f"connect to backend {backend.name} timed out after {timeout_s:g}s"
             ) from None
-        except (OSError, ssl.SSLError) as exc:
-            if isinstance(exc, OSError) and exc.errno:
+        except OSError as exc:  # ssl.SSLError included
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"TLS certificate not accepted: {exc.verify_message}"
+            elif isinstance(exc, ssl.SSLError):
+                reason = f"TLS handshake failed: {exc.reason or exc}"
+            elif exc.errno:
                 reason = os.strerror(exc.errno).lower()
             else:
                 reason = str(exc)
