@@ -1,0 +1,195 @@
+"""Summaries of a ``make bench-peers`` run: ratios, the Markdown tables and the results files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+BASELINE = "lb"  # the ratio column divides this target's req/s by each target's
+DASH = "-"
+
+
+def ratios(small: dict[str, Any], baseline: str = BASELINE) -> dict[str, float | None]:
+    """``baseline``'s median req/s over each target's; ``None`` where either is missing."""
+    medians = {name: t["median"] for name, t in small["targets"].items()}
+    base = medians.get(baseline)
+    base_rps = base["requests_per_s"] if base else None
+    out: dict[str, float | None] = {}
+    for name, median in medians.items():
+        rps = median["requests_per_s"] if median else None
+        out[name] = round(base_rps / rps, 3) if base_rps and rps else None
+    return out
+
+
+def _num(value: Any, digits: int = 2, thousands: bool = False) -> str:
+    if value is None:
+        return DASH
+    return f"{value:,.0f}" if thousands else f"{value:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _machine(results: dict[str, Any]) -> list[str]:
+    machine, settings = results["machine"], results["settings"]
+    commit = machine["git_commit"] + (" (with uncommitted changes)" if machine["git_dirty"] else "")
+    rows = [
+        ["CPU", f"{machine['cpu_model']}, {machine['cpu_count']} cores"],
+        ["Memory", f"{machine['memory_gib']} GiB"],
+        ["Kernel", machine["kernel"]],
+        ["Python", machine["python"]],
+        ["Load generator", machine["wrk"]],
+        ["Commit", commit],
+        ["Pinning", settings["pinning"]],
+    ]
+    rows += [[name, version] for name, version in results["versions"].items()]
+    return table(["", ""], rows)
+
+
+def _small(results: dict[str, Any]) -> list[str]:
+    small, settings = results["small_requests"], results["settings"]
+    ratio = results["ratios"]
+    rows = []
+    for name, target in small["targets"].items():
+        m = target["median"]
+        info = results["targets"][name]
+        if m is None:
+            rows.append([name, info["placement"], "failed", *[DASH] * 8])
+            continue
+        rows.append(
+            [
+                name,
+                info["placement"],
+                _num(m["requests_per_s"], thousands=True),
+                _num(ratio.get(name)),
+                _num(m["p50_ms"]),
+                _num(m["p99_ms"]),
+                str(m["non_2xx"]),
+                str(m["socket_errors"]),
+                _num(m["proxy_cpu_us_per_request"], 1),
+                _num(m["proxy_cpu_busy"]),
+                str(info["connections"]),
+            ]
+        )
+    header = ["target", "runs on", "req/s", f"{BASELINE} ÷ target", "p50 ms", "p99 ms"]
+    header += ["non-2xx", "socket errors", "proxy CPU µs/req", "proxy CPU busy", "connections"]
+    lines = [
+        "## Small requests",
+        "",
+        f"`wrk -t1 -c<connections> -d{settings['duration_s']}s --latency` POSTing a "
+        f"{small['body_bytes']}-byte OpenAI-style body to `/v1/chat/completions`; interleaved "
+        f"rounds: {settings['rounds']}; medians over rounds, column by column, error counts "
+        f"summed. `{BASELINE} ÷ target` is {BASELINE}'s req/s over the target's: "
+        f"above 1, {BASELINE} served more.",
+        "",
+        *table(header, rows),
+        "",
+    ]
+    return lines
+
+
+def _streams(results: dict[str, Any]) -> list[str]:
+    settings = results["settings"]
+    rows = []
+    for name, target in results["streams"]["targets"].items():
+        m = target["median"]
+        if m is None:
+            rows.append([name, *[DASH] * 6])
+            continue
+        rows.append(
+            [
+                name,
+                _num(m["ttfb_ms_p50"]),
+                _num(m["ttfb_ms_p99"]),
+                _num(m["gap_ms_p99"]),
+                _num(m["gap_ms_max_dev"]),
+                _num(m["proxy_cpu_us_per_chunk"], 1),
+                f"{m['failed_streams']} / {m['streams']}",
+            ]
+        )
+    header = ["target", "TTFB p50 ms", "TTFB p99 ms", "gap p99 ms", "max abs(gap - interval) ms"]
+    header += ["proxy CPU µs/chunk", "failed / streams"]
+    return [
+        "## Streams",
+        "",
+        f'{settings["streams"]} concurrent `POST /v1/chat/completions` with `"stream": true`; '
+        f"the backend answers {settings['chunks']} `chat.completion.chunk` events "
+        f"{settings['interval_ms']} ms apart, then `data: [DONE]`. "
+        f"Waves of streams per round: {settings['stream_waves']} (fewer where a note says "
+        f"so); rounds: {settings['rounds']}; medians over rounds, failed streams summed.",
+        "",
+        *table(header, rows),
+        "",
+    ]
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    lines = ["## Notes", ""]
+    lines += [f"- **{name}**: {note}" for name, note in results["notes"].items()]
+    return [*lines, ""]
+
+
+def _rounds(results: dict[str, Any]) -> list[str]:
+    rows = []
+    streams = results["streams"]["targets"]
+    for name, target in results["small_requests"]["targets"].items():
+        stream_rounds = {r["round"]: r for r in streams.get(name, {}).get("rounds", [])}
+        for r in target["rounds"]:
+            s = stream_rounds.get(r["round"], {})
+            rows.append(
+                [
+                    name,
+                    str(r["round"]),
+                    _num(r["requests_per_s"], thousands=True),
+                    _num(r["p99_ms"]),
+                    _num(r["proxy_cpu_us_per_request"], 1),
+                    _num(r["idle_proxies_cpu_busy"]),
+                    _num(s.get("ttfb_ms_p99")),
+                    _num(s.get("gap_ms_p99")),
+                ]
+            )
+        rows += [[name, DASH, f"failed: {f}", *[DASH] * 5] for f in target["failures"]]
+    header = ["target", "round", "req/s", "p99 ms", "proxy CPU µs/req", "idle proxies' CPU busy"]
+    header += ["stream TTFB p99 ms", "stream gap p99 ms"]
+    return [
+        "## Every round",
+        "",
+        "Spread across rounds is the noise to compare differences with. `idle proxies' CPU "
+        "busy` is the CPU the proxies not under test used during the run, over its wall time "
+        "(they share CPU 1 with the one under test).",
+        "",
+        *table(header, rows),
+        "",
+    ]
+
+
+def render(results: dict[str, Any]) -> str:
+    """The Markdown report of a results document."""
+    lines = [f"# Proxies side by side, {results['date']} on {results['host']}", ""]
+    lines += [*_machine(results), ""]
+    lines += _small(results) + _streams(results) + _notes(results) + _rounds(results)
+    lines += [
+        "Exact command lines and generated configurations are in the JSON file next to this one.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], directory: Path) -> tuple[Path, Path, Path]:
+    """Write ``peers-<date>-<host>.json`` and ``.md`` into ``directory`` and copy the Markdown
+    to ``peers-latest.md``; returns the three paths. A same-day run on the same host overwrites.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"peers-{results['date']}-{results['host']}"
+    json_path = directory / f"{stem}.json"
+    md_path = directory / f"{stem}.md"
+    latest_path = directory / "peers-latest.md"
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    text = render(results)
+    md_path.write_text(text)
+    latest_path.write_text(text)
+    return json_path, md_path, latest_path
