@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -18,6 +18,8 @@ from aiohttp import web
 from lb import __version__
 from lb.backend import Backend
 from lb.config import Config
+from lb.health import HealthChecker
+from lb.load_report import LoadReporter
 from lb.metrics import CODE_CLASSES
 from lb.pool import Pool
 from lb.proxy import Proxy
@@ -33,6 +35,14 @@ class Control(Protocol):
     proxy: Proxy | None
     config: Config
     started_epoch_s: float
+
+    @property
+    def health_checkers(self) -> Mapping[str, HealthChecker]:
+        """Each pool's active health checker, by pool name."""
+
+    @property
+    def load_reporters(self) -> Mapping[str, LoadReporter]:
+        """Each pool's load reporter (scrapes of the backends' metrics), by pool name."""
 
     def admin_token(self) -> str | None: ...
 
@@ -50,10 +60,10 @@ def _histogram(h: Histogram) -> dict[str, Any]:
     return {"buckets": list(h.buckets), "counts": list(h.counts), "sum": h.sum}
 
 
-def backend_state(backend: Backend, pool: Pool) -> dict[str, Any]:
+def backend_state(backend: Backend, pool: Pool, control: Control) -> dict[str, Any]:
     now = pool.clock()
     ejected_for = max(backend.ejected_until_s - now, 0.0)
-    return {
+    state: dict[str, Any] = {
         "name": backend.name,
         "url": backend.url,
         "weight": backend.weight,
@@ -71,10 +81,35 @@ def backend_state(backend: Backend, pool: Pool) -> dict[str, Any]:
         "failures_total": backend.failures_total,
         "responses_by_class": _classes(backend.responses_by_class),
         "latency": _histogram(backend.latency),
+        "health_check": None,
+        "load_report": None,
     }
+    checker = control.health_checkers.get(pool.name)
+    if checker is not None and checker.config.enabled and backend in checker.backends:
+        probes = checker.stats(backend)
+        state["health_check"] = {
+            "last_result": probes.last_reason,  # "status 200", "connection refused", ...
+            "last_duration_s": probes.last_duration_s,
+            "passed_total": probes.passed_total,
+            "failed_total": probes.failed_total,
+        }
+    reporter = control.load_reporters.get(pool.name)
+    if reporter is not None and backend in reporter.backends:
+        scrapes = reporter.stats(backend)
+        state["load_report"] = {
+            "waiting": backend.reported_waiting,
+            "running": backend.reported_running,
+            "kv_usage": backend.reported_kv_usage,
+            "age_s": now - backend.reported_at_s if backend.reported_at_s else None,
+            "last_error": scrapes.last_error,
+            "missing": list(scrapes.missing),
+            "ok_total": scrapes.ok_total,
+            "failed_total": scrapes.failed_total,
+        }
+    return state
 
 
-def pool_state(pool: Pool) -> dict[str, Any]:
+def pool_state(pool: Pool, control: Control) -> dict[str, Any]:
     stats = pool.stats
     return {
         "name": pool.name,
@@ -96,7 +131,7 @@ def pool_state(pool: Pool) -> dict[str, Any]:
             }
             for e in reversed(stats.recent_errors)
         ],
-        "backends": [backend_state(b, pool) for b in pool.backends],
+        "backends": [backend_state(b, pool, control) for b in pool.backends],
         "shadow": {
             "strategy": pool.shadow_strategy.name,
             "agree": stats.shadow_agree,
@@ -174,14 +209,16 @@ async def get_state(request: web.Request) -> web.Response:
             "draining": proxy.draining,
             "uptime_s": time.time() - control.started_epoch_s,
             "time": time.time(),
-            "pools": [pool_state(p) for p in proxy.pools.values()],
+            "pools": [pool_state(p, _control(request)) for p in proxy.pools.values()],
         }
     )
 
 
 async def get_pools(request: web.Request) -> web.Response:
     proxy = _proxy(request)
-    return web.json_response({"pools": [pool_state(p) for p in proxy.pools.values()]})
+    return web.json_response(
+        {"pools": [pool_state(p, _control(request)) for p in proxy.pools.values()]}
+    )
 
 
 def _pool(request: web.Request) -> Pool:
@@ -207,7 +244,7 @@ def _backend(request: web.Request) -> tuple[Pool, Backend]:
 
 
 async def get_pool(request: web.Request) -> web.Response:
-    return web.json_response(pool_state(_pool(request)))
+    return web.json_response(pool_state(_pool(request), _control(request)))
 
 
 async def get_routes(request: web.Request) -> web.Response:
@@ -233,14 +270,14 @@ async def drain(request: web.Request) -> web.Response:
     pool, backend = _backend(request)
     backend.drained = True
     pool.refresh()
-    return web.json_response(backend_state(backend, pool))
+    return web.json_response(backend_state(backend, pool, _control(request)))
 
 
 async def undrain(request: web.Request) -> web.Response:
     pool, backend = _backend(request)
     backend.drained = False
     pool.refresh()
-    return web.json_response(backend_state(backend, pool))
+    return web.json_response(backend_state(backend, pool, _control(request)))
 
 
 async def set_weight(request: web.Request) -> web.Response:
@@ -254,7 +291,7 @@ async def set_weight(request: web.Request) -> web.Response:
         return _error(400, "bad_request", "weight must be an integer from 1 to 10000")
     backend.weight = weight
     backend.effective_weight = float(weight)
-    return web.json_response(backend_state(backend, pool))
+    return web.json_response(backend_state(backend, pool, _control(request)))
 
 
 async def reload(request: web.Request) -> web.Response:

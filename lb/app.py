@@ -153,6 +153,7 @@ class App:
                 health=lambda: self.health_checkers,
                 load_reports=lambda: self.load_reporters,
                 reloads=lambda: self.reloads,
+                mirror_skipped=lambda: proxy.mirrors.skipped if proxy.mirrors else {},
             )
         )
         self._admin = web.AppRunner(

@@ -119,12 +119,14 @@ class ProxyCollector(Collector):
         health: Callable[[], Mapping[str, HealthChecker]] = dict,
         reloads: Callable[[], ReloadStats] | None = None,
         load_reports: Callable[[], Mapping[str, LoadReporter]] = dict,
+        mirror_skipped: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self._pools = pools
         self._client_connections = client_connections
         self._health = health
         self._reloads = reloads
         self._load_reports = load_reports
+        self._mirror_skipped = mirror_skipped
 
     def collect(self) -> Iterable[Metric]:
         pools = self._pools()
@@ -209,6 +211,15 @@ class ProxyCollector(Collector):
         yield from _inference_families(pools)
         yield from _load_report_families(pools, self._load_reports())
         yield from self._reload_families()
+        skipped = CounterMetricFamily(
+            "lb_mirror_skipped",
+            "Mirrored copies not sent (too many in flight, body too large or incomplete), "
+            "by shadow pool.",
+            labels=["pool"],
+        )
+        for pool_name, count in sorted(self._mirror_skipped().items()):
+            skipped.add_metric([pool_name], count)
+        yield skipped
 
     def _resilience_families(self) -> _Resilience:
         return _Resilience()

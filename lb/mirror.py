@@ -36,18 +36,22 @@ class Mirrors:
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
-        self.skipped = 0  # copies not sent: too many in flight, body too large or incomplete
+        # Copies not sent, by shadow pool: too many in flight, body too large or incomplete.
+        self.skipped: dict[str, int] = {}
 
     def maybe_mirror(self, route: Route, req: IncomingRequest, info: RequestInfo) -> None:
         shadow = route.mirror
         if shadow is None or self._rng.random() >= route.mirror_share:
             return
         if len(self._tasks) >= MAX_MIRRORS_IN_FLIGHT or not req.body.replayable:
-            self.skipped += 1
+            self._skip(shadow)
             return
         task = asyncio.get_running_loop().create_task(self._send(shadow, req, info))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _skip(self, pool: Pool) -> None:
+        self.skipped[pool.name] = self.skipped.get(pool.name, 0) + 1
 
     async def _send(self, pool: Pool, req: IncomingRequest, info: RequestInfo) -> None:
         body = req.body
@@ -58,7 +62,7 @@ class Mirrors:
         except TimeoutError:
             pass
         if not body.complete or not body.replayable:
-            self.skipped += 1
+            self._skip(pool)
             return
         data = body.held()
         candidates = pool.candidates(())

@@ -35,6 +35,31 @@ _BACKEND = {
         "requests_total": {"type": "integer"},
         "failures_total": {"type": "integer"},
         "responses_by_class": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "health_check": {
+            "type": ["object", "null"],
+            "description": "The active health check's last probe (null when checks are off).",
+            "properties": {
+                "last_result": {"type": "string"},
+                "last_duration_s": {"type": "number"},
+                "passed_total": {"type": "integer"},
+                "failed_total": {"type": "integer"},
+            },
+        },
+        "load_report": {
+            "type": ["object", "null"],
+            "description": "The load the backend reports on its /metrics, as last scraped "
+            "(null when load_report is off); age_s null until a scrape succeeded.",
+            "properties": {
+                "waiting": {"type": ["number", "null"]},
+                "running": {"type": ["number", "null"]},
+                "kv_usage": {"type": ["number", "null"]},
+                "age_s": {"type": ["number", "null"]},
+                "last_error": {"type": "string"},
+                "missing": {"type": "array", "items": {"type": "string"}},
+                "ok_total": {"type": "integer"},
+                "failed_total": {"type": "integer"},
+            },
+        },
         "latency": {
             "type": "object",
             "description": "Attempt durations: bucket bounds, non-cumulative counts (last: +Inf).",

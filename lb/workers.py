@@ -54,6 +54,8 @@ from aiohttp import web
 from lb.app import check_listeners_unchanged
 from lb.build import build_pools
 from lb.config import Config, ConfigError, admin_token, host_port, load_config
+from lb.health import HealthChecker
+from lb.load_report import LoadReporter
 from lb.logs import setup_logging
 from lb.worker_admin import Member, Overrides, make_fleet_admin_app
 
@@ -132,6 +134,9 @@ class Supervisor:
         self.overrides = Overrides()
         self.draining = False
         self.started_epoch_s = time.time()
+        # The workers check and scrape the backends; the supervisor's admin API asks them.
+        self.health_checkers: dict[str, HealthChecker] = {}
+        self.load_reporters: dict[str, LoadReporter] = {}
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._links: dict[int, asyncio.StreamWriter] = {}
         self._keepers: list[asyncio.Task[None]] = []

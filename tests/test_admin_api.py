@@ -21,8 +21,10 @@ from tests.conftest import free_port, pool, proxy_config, raw_exchange, url
 TOKEN = "0123456789abcdef0123456789abcdef"  # 32 characters
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
-# Fields that move with the clock alone, not with any call.
-VOLATILE_BACKEND_FIELDS = frozenset({"latency_estimate_s", "ejected_for_s"})
+# Fields that move with the clock (and the probes it runs) alone, not with any call.
+VOLATILE_BACKEND_FIELDS = frozenset(
+    {"latency_estimate_s", "ejected_for_s", "health_check", "load_report"}
+)
 
 
 def admin(app: App, path: str) -> str:
@@ -150,6 +152,71 @@ async def test_state_shows_a_request_in_flight_while_it_runs(backends, start_pro
             break
         await asyncio.sleep(0.02)
     assert _backend(await _state(app), "chat", "b0")["in_flight"] == 0
+
+
+async def _until_backend(
+    app: App, pool_name: str, name: str, done: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The backend's state once ``done`` holds for it (or after 5 s, as it then is)."""
+    for _ in range(250):
+        b = _backend(await _state(app), pool_name, name)
+        if done(b):
+            return b
+        await asyncio.sleep(0.02)
+    return b
+
+
+async def test_state_shows_each_backends_last_health_probe(backends, start_proxy):
+    """health_check.last_result says what the last probe saw: a pass, or why it failed."""
+    good, bad = await backends(2)
+    bad.healthy = False
+    checks = {"interval_s": 0.05, "transition_interval_s": 0.05, "timeout_s": 1}
+    app = await start_proxy(proxy_config([pool("chat", [good, bad], health_check=checks)]))
+    ok = await _until_backend(app, "chat", "b0", lambda b: b["health_check"]["passed_total"] > 0)
+    assert ok["health_check"]["last_result"] == "status 200"
+    failing = await _until_backend(app, "chat", "b1", lambda b: not b["healthy"])
+    assert failing["health_check"]["last_result"] == "status 503"
+    assert failing["health_check"]["failed_total"] >= 3
+
+
+async def test_state_without_health_checks_or_load_reports_says_null(backends, start_proxy):
+    (b0,) = await backends(1)
+    app = await start_proxy(
+        proxy_config([pool("chat", [b0], health_check={"enabled": False})])
+    )
+    b = _backend(await _state(app), "chat", "b0")
+    assert (b["health_check"], b["load_report"]) == (None, None)
+
+
+async def test_state_shows_the_reported_load_and_why_a_scrape_failed(backends, start_proxy):
+    """A backend whose /metrics has none of the preset's names lists them as missing; one that
+    cannot be reached gives the reason; neither has a reported load."""
+    (plain,) = await backends(1)
+    closed = free_port()
+    reports = {"enabled": True, "interval_s": 0.05}
+    app = await start_proxy(
+        proxy_config(
+            [
+                {
+                    "name": "chat",
+                    "backends": [
+                        {"url": plain.url, "name": "plain"},
+                        {"url": f"http://127.0.0.1:{closed}", "name": "gone"},
+                    ],
+                    "load_report": reports,
+                    "health_check": {"enabled": False},
+                }
+            ]
+        )
+    )
+    plain_state = await _until_backend(
+        app, "chat", "plain", lambda b: b["load_report"]["ok_total"] > 0
+    )
+    assert plain_state["load_report"]["missing"]
+    assert plain_state["load_report"]["waiting"] is None
+    gone = await _until_backend(app, "chat", "gone", lambda b: b["load_report"]["failed_total"] > 0)
+    assert gone["load_report"]["last_error"]
+    assert gone["load_report"]["age_s"] is None
 
 
 async def test_one_pool_is_described_by_name(backends, start_proxy):

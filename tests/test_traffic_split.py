@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -373,3 +374,26 @@ async def test_a_shadow_strategy_counts_one_agreement_or_disagreement_per_first_
         "agree": agree,
         "disagree": disagree,
     }
+
+
+async def test_a_copy_too_large_to_keep_is_not_mirrored_and_is_counted_as_skipped(
+    backends, recorders, start_proxy
+):
+    """A body beyond what the proxy keeps for replay (1 MiB) reaches the primary but cannot be
+    copied: the shadow pool's lb_mirror_skipped_total counts it."""
+    (b0,) = await backends(1)
+    shadow = await recorders("shadow-0")
+    route = {"pool": "primary", "mirror": {"pool": "shadow", "percent": 100}}
+    app = await start_proxy(
+        proxy_config([pool("primary", [b0]), pool("shadow", [shadow])], routes=[route])
+    )
+    async with aiohttp.ClientSession() as s:
+        big = io.BytesIO(b"x" * (2 << 20))
+        async with s.post(url(app, "/v1/completions"), data=big) as resp:
+            assert resp.status == 200
+        async with s.post(url(app, "/v1/completions"), data=b'{"model": "m"}') as resp:
+            assert resp.status == 200
+    await wait_for_requests(app, "shadow", "2xx", 1)
+    found = await scrape(app)
+    assert sample(found, "lb_mirror_skipped_total", pool="shadow") == 1
+    assert len(shadow.seen) == 1
