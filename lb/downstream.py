@@ -29,7 +29,7 @@ from lb.errors import (
     RequestTimeout,
     error_body,
 )
-from lb.http1 import status_line
+from lb.http1 import Headers, status_line
 from lb.request import IncomingRequest, ListenerLimits
 from lb.timers import Deadline
 
@@ -39,6 +39,36 @@ log = logging.getLogger("lb.downstream")
 PAUSE_PIPELINE = 1  # a pipelined request waits for the one before it
 PAUSE_BODY_HELD = 2  # body bytes wait for an upstream connection
 PAUSE_UPSTREAM = 4  # the backend is not reading the body as fast as the client sends it
+PAUSE_TUNNEL = 8  # bytes after a WebSocket handshake wait for the backend's answer
+
+# Bytes a client may send after a WebSocket handshake before the backend has answered.
+TUNNEL_HOLD_BYTES = 64 << 10
+
+
+def websocket_upgrade(headers: Headers) -> bytes | None:
+    """The ``Upgrade`` value of a WebSocket handshake (``Connection: upgrade`` and ``Upgrade:
+    websocket``, RFC 6455 section 4.1), or ``None``."""
+    upgrade = None
+    connection_upgrade = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"upgrade":
+            upgrade = value
+        elif lname == b"connection":
+            connection_upgrade = connection_upgrade or any(
+                token.strip().lower() == b"upgrade" for token in value.split(b",")
+            )
+    if upgrade is None or not connection_upgrade:
+        return None
+    return upgrade if upgrade.strip().lower() == b"websocket" else None
+
+
+class TunnelPeer(Protocol):
+    """Where a client connection's bytes go once its WebSocket handshake succeeded."""
+
+    def on_client_data(self, data: bytes) -> None: ...
+
+    def on_client_closed(self) -> None: ...
 
 
 class Handler(Protocol):
@@ -72,6 +102,10 @@ class ClientConnection(asyncio.Protocol):
         self._head_raw_bytes = 0
         self._headers_done = False
         self._callback_error: ProxyError | None = None
+        self._last_parsed: IncomingRequest | None = None  # the last request fully read
+        # A WebSocket handshake waiting for the backend: bytes the client sent after it.
+        self._tunnel_held: bytearray | None = None
+        self._tunnel: TunnelPeer | None = None  # the tunnel the client's bytes now go to
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -90,6 +124,12 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._tunnel_held is not None:
+            self._hold_tunnel_bytes(data)
+            return
+        if self._tunnel is not None:
+            self._tunnel.on_client_data(data)
+            return
         try:
             self._parser.feed_data(data)
             if self._parsing is not None and not self._headers_done:
@@ -99,10 +139,15 @@ class ClientConnection(asyncio.Protocol):
                 if self._head_raw_bytes > self.limits.max_header_bytes:
                     self._fail(self._header_limit_error())
         except httptools.HttpParserUpgrade as exc:
-            # Protocol upgrades are not proxied: the Upgrade header was dropped as hop-by-hop,
-            # so the request is answered as plain HTTP/1.1; parse what follows it.
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            if offset < len(data):
+            last = self._last_parsed
+            if last is not None and last.upgrade is not None and not self.closed:
+                # A WebSocket handshake: what follows may be tunnel bytes, kept until the
+                # backend answers. If it does not switch protocols they are parsed as HTTP.
+                self._tunnel_held = bytearray()
+                self._hold_tunnel_bytes(data[offset:])
+            elif offset < len(data):
+                # Any other upgrade was answered as plain HTTP/1.1: parse what follows it.
                 self.data_received(data[offset:])
         except httptools.HttpParserError as exc:
             err = self._callback_error or BadRequest(f"malformed HTTP request: {exc}")
@@ -114,7 +159,10 @@ class ClientConnection(asyncio.Protocol):
         self.handler.connections.discard(self)
         self._deadline.cancel()
         self._queue.clear()
-        if self._task is not None:
+        self._tunnel_held = None
+        if self._tunnel is not None:
+            self._tunnel.on_client_closed()  # the normal end of a tunnel, not an abandonment
+        elif self._task is not None:
             self._task.cancel()  # the handler aborts the upstream request: the client is gone
 
     def pause_writing(self) -> None:
@@ -194,8 +242,9 @@ class ClientConnection(asyncio.Protocol):
                 req.request_id = value
         has_body = req.chunked or bool(req.content_length)
         if parser.should_upgrade():
-            # CONNECT tunnels are not offered; other upgrades are answered as plain HTTP/1.1
-            # (Upgrade is hop-by-hop), which llhttp can only do for a request without a body.
+            # CONNECT tunnels are not offered. A WebSocket handshake is forwarded, and becomes
+            # a tunnel if the backend switches protocols; other upgrades (h2c) are answered as
+            # plain HTTP/1.1 (Upgrade is hop-by-hop). Either way only without a request body.
             if req.method == b"CONNECT":
                 self._callback_error = MethodNotAllowed("CONNECT is not supported")
                 raise self._callback_error
@@ -204,6 +253,7 @@ class ClientConnection(asyncio.Protocol):
                     "protocol upgrade with a request body is not supported"
                 )
                 raise self._callback_error
+            req.upgrade = websocket_upgrade(req.headers) if req.method == b"GET" else None
         limit = self.limits.max_body_bytes
         if req.content_length is not None and req.content_length > limit:
             self._callback_error = BodyTooLarge(
@@ -237,6 +287,7 @@ class ClientConnection(asyncio.Protocol):
         req = self._parsing
         assert req is not None
         self._parsing = None
+        self._last_parsed = req
         if not req.body.complete:
             req.body.finish(req.body.trailers)
 
@@ -248,8 +299,39 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._task = self.loop.create_task(self.handler.handle(self, req))
 
+    # -- WebSocket tunnel -------------------------------------------------------------------
+
+    def open_tunnel(self, peer: TunnelPeer) -> bytes:
+        """The backend switched protocols: from now on the client's bytes go to ``peer``.
+        Returns what the client sent after the handshake, for ``peer`` to forward first."""
+        held = bytes(self._tunnel_held or b"")
+        self._tunnel_held = None
+        self._tunnel = peer
+        self._resume_reading(PAUSE_TUNNEL)
+        return held
+
+    def _hold_tunnel_bytes(self, data: bytes) -> None:
+        held = self._tunnel_held
+        assert held is not None
+        held += data
+        if len(held) > TUNNEL_HOLD_BYTES:
+            self._pause_reading(PAUSE_TUNNEL)  # resumed when the backend answers
+
     def request_done(self, req: IncomingRequest) -> None:
         """Called once by the handler when ``req`` has been answered (or abandoned)."""
+        self._tunnel = None
+        held = None
+        if req.upgrade is not None and self._tunnel_held is not None:
+            # The backend answered the handshake without switching protocols: the connection
+            # stays HTTP, and what the client sent after the handshake is parsed as requests.
+            held = bytes(self._tunnel_held)
+            self._tunnel_held = None
+            self._resume_reading(PAUSE_TUNNEL)
+        self._next_request(req)
+        if held and not self.closed:
+            self.data_received(held)
+
+    def _next_request(self, req: IncomingRequest) -> None:
         self._current = None
         self._task = None
         self.upstream = None

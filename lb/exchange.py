@@ -40,6 +40,7 @@ class Exchange:
         "_out",
         "_retry_statuses",
         "_settings",
+        "_tunnel",
         "attempt",
         "client",
         "conn",
@@ -84,13 +85,14 @@ class Exchange:
         self._headers: Headers = []
         self._inference = inference
         self._meter: ResponseMeter | None = None
+        self._tunnel = False  # a WebSocket tunnel: bytes relayed both ways until one side ends
 
     def start(self, head: bytes) -> None:
         """Write the request head and the body held so far; stream the rest as it comes."""
         client, conn, req = self.client, self.conn, self.req
         client.upstream = conn
         data = head + req.body.attach(conn)
-        conn.begin(self, req.body, req.method == b"HEAD", data)
+        conn.begin(self, req.body, req.method == b"HEAD", data, upgrade=req.upgrade is not None)
         if client.write_paused:
             conn.pause_reading()
         conn.deadline.set_in(self._headers_timeout_s)
@@ -121,6 +123,9 @@ class Exchange:
             self._discard = True
             return
         req = self.req
+        if status == 101:
+            self._open_tunnel(headers)
+            return
         http11 = req.version == "1.1"
         self._chunked = chunked = framing > FRAMING_LENGTH and http11
         reusable = framing != FRAMING_CLOSE or chunked
@@ -144,6 +149,53 @@ class Exchange:
             self._meter = self._meter_for(self.conn.content_type)
         if framing == FRAMING_NONE:
             self._chunked = False
+
+    def _open_tunnel(self, headers: Headers) -> None:
+        """Relay the 101 answer, then the client's bytes to the backend and back."""
+        req = self.req
+        upgrade = b"websocket"
+        for name, value in headers:
+            if name.lower() == b"upgrade":
+                upgrade = value
+        self._out.append(
+            response_head(
+                101,
+                headers,
+                chunked=False,
+                keep_alive=True,  # no "connection: close": the next line says what follows
+                http10_keep_alive=False,
+                extra=b"connection: upgrade\r\nupgrade: %s\r\n%s" % (upgrade, self._extra),
+                settings=self._settings,
+            )
+        )
+        req.response_started = True
+        req.response_reusable = False
+        req.status = 101
+        req.ttfb_s = time.monotonic() - req.started_s
+        self._tunnel = True
+        held = self.client.open_tunnel(self)
+        if held:
+            self.on_client_data(held)
+
+    # -- the tunnel (TunnelPeer and the connection's tunnel callbacks) ------------------------
+
+    def on_client_data(self, data: bytes) -> None:
+        self.conn.write(data)
+        if self._idle_s is not None and not self.conn.closed:
+            self.conn.deadline.set(self.loop.time() + self._idle_s)
+
+    def on_client_closed(self) -> None:
+        self._ended = True
+        self.conn.close()  # what the client sent last is still written, then the backend sees EOF
+        self._resolve(None)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def on_tunnel_closed(self) -> None:
+        self._ended = True
+        self.flush()
+        self._resolve(None)  # the client connection is closed once the request is done
 
     def _meter_for(self, content_type: bytes) -> ResponseMeter | None:
         assert self._inference is not None
@@ -239,6 +291,13 @@ class Exchange:
             )
             return
         if self._ended:
+            return
+        if self._tunnel:
+            # A tunnel idle both ways for idle_s ends; both sides are closed, no error event.
+            self._ended = True
+            self.flush()
+            self.conn.close()
+            self._resolve(None)
             return
         self.flush()
         self.conn.abort()

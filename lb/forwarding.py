@@ -57,8 +57,13 @@ def request_head(
     content_length: int | None,
     chunked: bool,
     settings: ForwardingSettings,
+    upgrade: bytes | None = None,
 ) -> bytes:
-    """The request line and headers to send upstream, framing and forwarding fields included."""
+    """The request line and headers to send upstream, framing and forwarding fields included.
+
+    ``upgrade``: the request is a WebSocket handshake; its ``Connection: upgrade`` and
+    ``Upgrade`` (hop-by-hop, so not copied) are sent on to the backend.
+    """
     tokens = connection_tokens(headers) if _has_connection_header(headers) else frozenset()
     rid_name = settings.request_id_header
     forwarded = settings.forwarded
@@ -82,6 +87,8 @@ def request_head(
         if host is not None:
             out.append(b"x-forwarded-host: %s\r\n" % host)
     out.append(b"%s: %s\r\n" % (rid_name, request_id))
+    if upgrade is not None:
+        out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % upgrade)
     if chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     elif content_length is not None:

@@ -397,6 +397,7 @@ class Proxy:
             content_length=req.content_length,
             chunked=req.chunked,
             settings=self.settings,
+            upgrade=req.upgrade,
         )
 
     def _extra_lines(self, req: IncomingRequest) -> bytes:

@@ -48,6 +48,7 @@ class IncomingRequest:
         "started_s",
         "status",
         "ttfb_s",
+        "upgrade",
         "url",
         "version",
     )
@@ -69,6 +70,8 @@ class IncomingRequest:
         self.status = 0  # the status answered to the client, once known
         self.started_s = 0.0  # loop time when the headers were complete
         self.ttfb_s = -1.0  # seconds to the response head, once sent
+        # The Upgrade header of a WebSocket handshake the proxy may tunnel, else None.
+        self.upgrade: bytes | None = None
         self.bytes_out = 0  # response bytes written to the client
         self.attempts = 0
         self.backend_name: str | None = None  # the backend of the last attempt

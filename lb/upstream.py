@@ -59,6 +59,10 @@ class ResponseSink(Protocol):
 
     def on_upstream_write_paused(self, paused: bool) -> None: ...
 
+    def on_tunnel_data(self, data: bytes) -> None: ...
+
+    def on_tunnel_closed(self) -> None: ...
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One TCP (or TLS) connection to a backend, speaking HTTP/1.1 as a client."""
@@ -91,6 +95,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = False
         self._close_delimited = False
         self._keep_alive = False
+        self._upgrade = False  # the request is a WebSocket handshake
+        self._tunnel = False  # the backend switched protocols: bytes are relayed as they come
         self.content_type = b""  # of the current response, once its head is parsed
 
     # -- used by the proxy ------------------------------------------------------------------
@@ -106,11 +112,21 @@ class UpstreamConnection(asyncio.Protocol):
         return self._got_bytes
 
     def begin(
-        self, sink: ResponseSink, body: RequestSource, head_request: bool, data: bytes
+        self,
+        sink: ResponseSink,
+        body: RequestSource,
+        head_request: bool,
+        data: bytes,
+        upgrade: bool = False,
     ) -> None:
-        """Attach ``sink`` for the next response and write the start of the request."""
+        """Attach ``sink`` for the next response and write the start of the request.
+
+        ``upgrade``: the request is a WebSocket handshake; a 101 answer turns the connection
+        into a tunnel (``on_tunnel_data`` / ``on_tunnel_closed``) that is never pooled again.
+        """
         self._reset_response_state()
         self._head_request = head_request
+        self._upgrade = upgrade
         self.sink = sink
         self.body = body
         self.requests_sent += 1
@@ -180,6 +196,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
+        if self._tunnel and sink is not None:
+            sink.on_tunnel_data(data)
+            sink.flush()
+            return
         if sink is None:
             # Bytes on an idle connection: nothing asked for them, so the stream is unusable.
             self.abort()
@@ -193,6 +213,13 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if not self._tunnel:
+                self._fail(sink, UpstreamFailed("backend switched protocols unasked"))
+                return
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            if offset < len(data) and self.sink is sink:
+                sink.on_tunnel_data(data[offset:])
         except httptools.HttpParserError as exc:
             if self._complete:
                 self._broken = True  # garbage after a complete response: do not reuse
@@ -223,6 +250,9 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:
             return
         self.sink = None
+        if self._tunnel:
+            sink.on_tunnel_closed()
+            return
         if self._close_delimited and exc is None and not self._complete:
             # A response without Content-Length or chunked framing ends when the backend closes.
             self._complete = True
@@ -257,6 +287,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status == 101 and self._upgrade:
+            # The WebSocket handshake succeeded: what follows the head is the tunnel.
+            self._headers_done = True
+            self._tunnel = True
+            sink = self.sink
+            if sink is not None:
+                sink.on_response_head(status, self._headers, FRAMING_NONE, False)
+            return
         if status < 200:
             return  # 1xx interim response: llhttp parses the final one next
         self._final = True

@@ -22,7 +22,7 @@ _HANDED_OUT: set[int] = set()
 
 # The data plane's own tests also run on the standard loop; everything else runs on uvloop,
 # the loop the product runs on.
-_BOTH_LOOPS = ("test_proxy.py", "test_http_framing.py")
+_BOTH_LOOPS = ("test_proxy.py", "test_http_framing.py", "test_websocket.py")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -273,7 +273,7 @@ async def test_connect_is_refused_with_405(backends, start_proxy):
 
 
 async def test_an_upgrade_request_without_body_is_answered_as_plain_http(backends, start_proxy):
-    """A websocket or h2c upgrade is not proxied: the request is served as HTTP/1.1."""
+    """An upgrade other than WebSocket (h2c) is not proxied: the request is served as HTTP/1.1."""
     _backend, app = await start(backends, start_proxy)
     async with connect(app) as client:
         await client.send(
