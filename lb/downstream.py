@@ -29,9 +29,10 @@ from lb.errors import (
     RequestTimeout,
     error_body,
 )
-from lb.http1 import Headers, status_line
+from lb.http1 import status_line
 from lb.request import IncomingRequest, ListenerLimits
 from lb.timers import Deadline
+from lb.tunnel import TUNNEL_HOLD_BYTES, TunnelPeer, websocket_upgrade
 
 log = logging.getLogger("lb.downstream")
 
@@ -40,35 +41,6 @@ PAUSE_PIPELINE = 1  # a pipelined request waits for the one before it
 PAUSE_BODY_HELD = 2  # body bytes wait for an upstream connection
 PAUSE_UPSTREAM = 4  # the backend is not reading the body as fast as the client sends it
 PAUSE_TUNNEL = 8  # bytes after a WebSocket handshake wait for the backend's answer
-
-# Bytes a client may send after a WebSocket handshake before the backend has answered.
-TUNNEL_HOLD_BYTES = 64 << 10
-
-
-def websocket_upgrade(headers: Headers) -> bytes | None:
-    """The ``Upgrade`` value of a WebSocket handshake (``Connection: upgrade`` and ``Upgrade:
-    websocket``, RFC 6455 section 4.1), or ``None``."""
-    upgrade = None
-    connection_upgrade = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"upgrade":
-            upgrade = value
-        elif lname == b"connection":
-            connection_upgrade = connection_upgrade or any(
-                token.strip().lower() == b"upgrade" for token in value.split(b",")
-            )
-    if upgrade is None or not connection_upgrade:
-        return None
-    return upgrade if upgrade.strip().lower() == b"websocket" else None
-
-
-class TunnelPeer(Protocol):
-    """Where a client connection's bytes go once its WebSocket handshake succeeded."""
-
-    def on_client_data(self, data: bytes) -> None: ...
-
-    def on_client_closed(self) -> None: ...
 
 
 class Handler(Protocol):
