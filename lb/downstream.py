@@ -43,6 +43,11 @@ PAUSE_UPSTREAM = 4  # the backend is not reading the body as fast as the client 
 PAUSE_TUNNEL = 8  # bytes after a WebSocket handshake wait for the backend's answer
 
 
+# Stands in for the parser of a connection that is closed: never fed (data_received returns
+# first), it only lets the closed connection drop its own parser and the cycle through it.
+_CLOSED_PARSER = httptools.HttpRequestParser(object())
+
+
 class Handler(Protocol):
     draining: bool
     connections: set[ClientConnection]
@@ -136,6 +141,16 @@ class ClientConnection(asyncio.Protocol):
             self._tunnel.on_client_closed()  # the normal end of a tunnel, not an abandonment
         elif self._task is not None:
             self._task.cancel()  # the handler aborts the upstream request: the client is gone
+        if self._current is None:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """A closed connection with nothing running: break the reference cycles it is part
+        of (its parser's callbacks, its deadline's), so it is freed at once rather than by
+        a full garbage collection, which the proxy runs rarely."""
+        self._parser = _CLOSED_PARSER
+        self._deadline.close()
+        self._last_parsed = self._parsing = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -308,6 +323,7 @@ class ClientConnection(asyncio.Protocol):
         self._task = None
         self.upstream = None
         if self.closed:
+            self._let_go()  # nothing more is read on a closed connection
             return
         if not (
             req.keep_alive

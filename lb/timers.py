@@ -64,6 +64,12 @@ class Deadline:
             self._handle.cancel()
             self._handle = None
 
+    def close(self) -> None:
+        """Cancel for good and let go of the callback, so an owner that holds this deadline
+        and whose method is its callback is not kept alive by the pair (a reference cycle)."""
+        self.cancel()
+        self._callback = _nothing
+
     def _fire(self) -> None:
         self._handle = None
         due = self._due
@@ -75,3 +81,7 @@ class Deadline:
             return
         self._due = None
         self._callback()
+
+
+def _nothing() -> None:
+    pass

@@ -64,6 +64,10 @@ class ResponseSink(Protocol):
     def on_tunnel_closed(self) -> None: ...
 
 
+# Stands in for the parser of a closed connection (never fed): see connection_lost.
+_CLOSED_PARSER = httptools.HttpResponseParser(object())
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One TCP (or TLS) connection to a backend, speaking HTTP/1.1 as a client."""
 
@@ -244,7 +248,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.deadline.cancel()
+        self.deadline.close()  # nothing is parsed or timed on this connection any more:
+        self._parser = _CLOSED_PARSER  # let go of both, and of the cycles through them
         self.pool.forget(self)
         sink = self.sink
         if sink is None:

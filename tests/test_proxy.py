@@ -4,6 +4,7 @@ real aiohttp backends and a real proxy on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 from collections import Counter
@@ -12,6 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from lb.downstream import ClientConnection
+from lb.upstream import UpstreamConnection
 from tests.conftest import free_port, pool, proxy_config, raw_exchange, url
 
 
@@ -255,6 +258,37 @@ async def test_a_backend_dying_mid_body_gives_a_truncated_response(backends, sta
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(resp.read(), 5)
         resp.release()
+
+
+async def test_connections_of_streams_the_clients_dropped_are_freed_without_a_gc_pass(
+    backends, start_proxy
+):
+    """Memory stays flat when clients drop streams: a closed connection (client or upstream)
+    holds no reference cycle, so it is freed at once, not by the rare full collection."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+            writer.write(b"GET /stream?chunks=100&interval_ms=50 HTTP/1.1\r\nHost: t\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b";"), 5)
+            writer.transport.abort()
+        for _ in range(100):
+            if b0.aborted == 10:
+                break
+            await asyncio.sleep(0.02)
+        assert b0.aborted == 10
+        await asyncio.sleep(0.05)
+        left = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, ClientConnection | UpstreamConnection) and o.closed
+        ]
+        assert left == []
+    finally:
+        gc.enable()
 
 
 async def test_a_client_that_leaves_mid_stream_aborts_the_upstream_request(backends, start_proxy):
