@@ -8,8 +8,10 @@ fleet grows, or costs something per backend.
 
 The state is made to look like a busy fleet, and drawn again (untimed) before every batch:
 
-- every backend weighs 1 (identical replicas, the common case); ``least_connections`` is timed
-  a second time with one backend in four weighing 2, as it picks differently then;
+- every backend weighs 1 (identical replicas, the common case); ``least_connections`` and
+  ``round_robin`` are timed a second time with one backend in four weighing 2, as
+  ``least_connections`` picks differently then and unequal weights are what ``round_robin``'s
+  schedule is for;
 - in-flight counts uniform in 0..8;
 - latency estimates (peak EWMA) of 0.2..3 s stamped up to 2 s ago; one backend in twenty
   carries recent failures (a failure score of 0.5..3, up to 5 s old);
@@ -183,8 +185,9 @@ class Cell:
 def cases(strategies: Sequence[str]) -> list[tuple[str, str, bool]]:
     """(row label, strategy, mixed weights) for each row of the picks table."""
     rows = [(name, name, False) for name in strategies]
-    if "least_connections" in strategies:
-        rows.append(("least_connections, weights 1 and 2", "least_connections", True))
+    for name in ("least_connections", "round_robin"):
+        if name in strategies:
+            rows.append((f"{name}, weights 1 and 2", name, True))
     return rows
 
 

@@ -12,7 +12,7 @@ from lb.admission import AdmissionQueue
 from lb.backend import Backend
 from lb.config_resilience import OutlierDetection
 from lb.outlier import OutlierDetector
-from lb.pool import SLOW_START_FLOOR, Pool, PoolTimeouts
+from lb.pool import SLOW_START_FLOOR, VIEW_MIN_ELIGIBLE, CandidateView, Pool, PoolTimeouts
 from lb.strategies import RoundRobin
 from lb.upstream import ConnectionPool
 
@@ -239,6 +239,58 @@ def test_candidates_exclude_both_tried_and_full_backends() -> None:
     pool = make_pool(backends, clock=FakeClock())
     backends[3].in_flight = 1
     assert list(pool.candidates([backends[0]])) == [backends[1], backends[2]]
+
+
+def test_first_attempt_candidates_are_the_same_tuple_until_eligibility_changes() -> None:
+    """Without tries or limits the pool hands out its eligible tuple itself, rebuilt on refresh."""
+    backends = make_backends(3)
+    pool = make_pool(backends, clock=FakeClock())
+    first = pool.candidates([])
+    assert pool.candidates([]) is first
+    backends[1].healthy = False
+    pool.refresh()
+    assert list(pool.candidates([])) == [backends[0], backends[2]]
+    assert pool.candidates([]) is not first
+
+
+def test_retry_candidates_view_indexes_iterates_and_answers_membership() -> None:
+    """The view of a retry's candidates behaves as the list of untried backends would."""
+    backends = make_backends(VIEW_MIN_ELIGIBLE + 4)
+    pool = make_pool(backends, clock=FakeClock())
+    tried = [backends[4], backends[0], backends[2], backends[-1]]
+    view = pool.candidates(tried)
+    expected = [b for b in backends if b not in tried]
+    size = len(expected)
+    assert isinstance(view, CandidateView)
+    assert len(view) == size
+    assert [view[i] for i in range(size)] == expected
+    assert [view[i] for i in range(-size, 0)] == expected
+    assert view[1:] == expected[1:]
+    assert list(view) == expected
+    assert all(b in view for b in expected)
+    assert not any(b in view for b in tried)
+    assert make_backends(1)[0] not in view
+    with pytest.raises(IndexError):
+        view[size]
+
+
+def test_tried_backend_that_is_not_eligible_changes_nothing() -> None:
+    """A tried backend that has since become unavailable leaves the eligible tuple as it is."""
+    backends = make_backends(VIEW_MIN_ELIGIBLE + 2)
+    pool = make_pool(backends, clock=FakeClock())
+    backends[0].healthy = False
+    pool.refresh()
+    assert pool.candidates([backends[0]]) is pool.eligible
+
+
+def test_full_candidates_are_read_at_each_call() -> None:
+    """A backend that fills up between two calls is left out of the second one."""
+    backends = make_backends(4, max_concurrency=2)
+    pool = make_pool(backends, clock=FakeClock())
+    assert list(pool.candidates([])) == backends
+    backends[2].in_flight = 2
+    assert list(pool.candidates([])) == [backends[0], backends[1], backends[3]]
+    assert list(pool.candidates([backends[3]])) == [backends[0], backends[1]]
 
 
 # -- hold -------------------------------------------------------------------------------------

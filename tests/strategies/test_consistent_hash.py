@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from lb.backend import Backend
+from lb.pool import Pool, PoolTimeouts
 from lb.strategies import ConsistentHash, RequestInfo, build
+from lb.strategies.consistent_hash import ring_hash
 
 
 def make_backends(*weights: int) -> list[Backend]:
@@ -244,3 +246,55 @@ def test_registry_builds_it_and_rejects_unknown_options() -> None:
     assert isinstance(build("consistent_hash", backends, options={"key": "user"}), ConsistentHash)
     with pytest.raises(ValueError, match="unknown option 'decay_s'"):
         build("consistent_hash", backends, options={"decay_s": 1})
+
+
+def reference_pick(strategy: ConsistentHash, candidates: list[Backend], key: str) -> Backend | None:
+    """The bounded-loads rule written out plainly: the first candidate clockwise from the key
+    under ceil(c * (sum(in_flight) + 1) * w / W); ``None`` when none is."""
+    total = sum(b.in_flight for b in candidates) + 1
+    weights = sum(b.effective_weight for b in candidates)
+    ring = sorted(
+        (ring_hash(f"{b.name}#{i}".encode()), order, b)
+        for order, b in enumerate(strategy.backends)
+        for i in range(strategy.virtual_nodes * b.weight)
+    )
+    start = next((i for i, (p, _, _) in enumerate(ring) if p >= ring_hash(key.encode())), 0)
+    for step in range(len(ring)):
+        backend = ring[(start + step) % len(ring)][2]
+        bound = math.ceil(
+            strategy.balance_factor * total * backend.effective_weight / weights - 1e-9
+        )
+        if backend in candidates and backend.in_flight < bound:
+            return backend
+    return None
+
+
+def test_picks_match_the_bounded_loads_rule_over_a_busy_pool_of_100() -> None:
+    """Over random loads, weights and candidate subsets, each pick is the rule's answer."""
+    rng = random.Random(99)
+    backends = make_backends(*[1 + i % 3 for i in range(100)])
+    strategy = make_strategy(backends, virtual_nodes=10)
+    pool = Pool("p", backends, strategy, {}, PoolTimeouts())
+    for i in range(300):
+        for backend in backends:
+            backend.in_flight = rng.choice([0, 0, 1, 2, 3, 5, 8, 13])
+        tried = rng.sample(backends, rng.randint(0, 3))
+        candidates = pool.candidates(tried)  # the tuple, or a view leaving the tried out
+        key = f"tenant-{rng.randint(0, 40)}"
+        expected = reference_pick(strategy, list(candidates), key)
+        chosen = strategy.pick(candidates, prompt(key))
+        if expected is not None:
+            assert chosen is expected, i
+        assert chosen not in tried
+
+
+def test_idle_owner_takes_its_key_in_a_busy_pool() -> None:
+    """An owner with nothing in flight is under any bound, however busy the others are."""
+    backends = make_backends(*[1] * 50)
+    strategy = make_strategy(backends)
+    request = prompt("owner idle")
+    owner = strategy.pick(backends, request)
+    for backend in backends:
+        backend.in_flight = 0 if backend is owner else 40
+    assert strategy.pick(tuple(backends), request) is owner
+    assert strategy.explain(owner, request) == "hash owner"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import random
 from collections import Counter
 
 from lb.backend import Backend
+from lb.pool import Pool, PoolTimeouts
 from lb.strategies import RequestInfo, RoundRobin
+from lb.strategies.round_robin import SMOOTH_MAX_BACKENDS
 
 REQUEST = RequestInfo(method="POST", path="/v1/chat/completions")
 
@@ -83,3 +86,122 @@ def test_lone_candidate_is_returned() -> None:
     _a, b = backends = make_backends(1, 2)
     strategy = RoundRobin(backends)
     assert strategy.pick([b], REQUEST) is b
+
+
+# -- large pools: the earliest-deadline-first heap ----------------------------------------------
+
+
+def large_pool(*weights: int) -> list[Backend]:
+    """Backends for a pool above SMOOTH_MAX_BACKENDS, so picks use the heap schedule."""
+    backends = make_backends(*weights)
+    assert len(backends) > SMOOTH_MAX_BACKENDS
+    return backends
+
+
+def test_large_pool_uses_the_heap_and_small_pool_the_scan() -> None:
+    """Pools above SMOOTH_MAX_BACKENDS use the heap schedule, smaller ones nginx's scan."""
+    assert RoundRobin(make_backends(*[1] * SMOOTH_MAX_BACKENDS)).uses_heap is False
+    assert RoundRobin(make_backends(*[1] * (SMOOTH_MAX_BACKENDS + 1))).uses_heap is True
+
+
+def test_large_pool_of_equal_weights_rotates_in_pool_order() -> None:
+    """Equal weights in a large pool visit the backends one after another in pool order."""
+    backends = large_pool(*[1] * 40)
+    strategy = RoundRobin(backends)
+    candidates = tuple(backends)
+    assert [strategy.pick(candidates, REQUEST) for _ in range(120)] == backends * 3
+
+
+def test_large_pool_gives_each_backend_exactly_its_weight_in_every_cycle() -> None:
+    """Weights 1, 2 and 3 over 60 backends: every cycle of sum(weights) picks is exact."""
+    weights = [1 + i % 3 for i in range(60)]
+    backends = large_pool(*weights)
+    strategy = RoundRobin(backends)
+    candidates = tuple(backends)
+    cycle = sum(weights)
+    for _ in range(20):
+        counts = Counter(strategy.pick(candidates, REQUEST) for _ in range(cycle))
+        assert [counts[b] for b in backends] == weights
+
+
+def test_large_pool_spreads_a_heavy_backend_through_the_cycle() -> None:
+    """A weight-5 backend among 39 of weight 1 is never picked within 5 picks of its last."""
+    backends = large_pool(5, *[1] * 39)
+    heavy = backends[0]
+    strategy = RoundRobin(backends)
+    candidates = tuple(backends)
+    picks = [strategy.pick(candidates, REQUEST) for _ in range(44 * 10)]
+    at = [i for i, backend in enumerate(picks) if backend is heavy]
+    assert len(at) == 50
+    assert min(b - a for a, b in itertools.pairwise(at)) >= 5
+
+
+def test_large_pool_only_returns_candidates_and_shares_by_their_weights() -> None:
+    """With a third of a large pool left out, picks go only to the rest, by their weights."""
+    weights = [1 + i % 2 for i in range(45)]
+    backends = large_pool(*weights)
+    strategy = RoundRobin(backends)
+    candidates = tuple(b for i, b in enumerate(backends) if i % 3 != 0)
+    cycle = sum(b.weight for b in candidates)
+    for _ in range(10):
+        counts = Counter(strategy.pick(candidates, REQUEST) for _ in range(cycle))
+        assert set(counts) == set(candidates)
+        assert all(counts[b] == b.weight for b in candidates)
+
+
+def test_large_pool_backend_coming_back_gets_no_burst() -> None:
+    """A backend left out for a while rejoins at its share, without a catch-up burst."""
+    backends = large_pool(*[1] * 40)
+    strategy = RoundRobin(backends)
+    returning = backends[7]
+    without = tuple(b for b in backends if b is not returning)
+    for _ in range(39 * 25):
+        assert strategy.pick(without, REQUEST) is not returning
+    picks = [strategy.pick(tuple(backends), REQUEST) for _ in range(40 * 5)]
+    counts = Counter(picks)
+    assert counts[returning] == 5
+    assert all(counts[b] == 5 for b in backends)
+
+
+def test_large_pool_candidates_changing_every_pick_never_starve_anyone() -> None:
+    """Candidates drawn afresh for each pick (retries, health flapping): all are served."""
+    rng = random.Random(7)
+    backends = large_pool(*[1 + i % 4 for i in range(50)])
+    strategy = RoundRobin(backends)
+    counts: Counter[Backend] = Counter()
+    for _ in range(5000):
+        candidates = [b for b in backends if rng.random() < 0.8]
+        chosen = strategy.pick(candidates, REQUEST)
+        assert chosen in candidates
+        counts[chosen] += 1
+    assert set(counts) == set(backends)
+    heavy = sum(counts[b] for b in backends if b.weight == 4)
+    light = sum(counts[b] for b in backends if b.weight == 1)
+    assert 3.0 < heavy / light < 5.0
+
+
+def test_large_pool_weight_change_takes_effect_from_the_next_turn() -> None:
+    """Raising one backend's effective weight (slow start ends) raises its share to match."""
+    backends = large_pool(*[1] * 40)
+    ramping = backends[3]
+    ramping.effective_weight = 0.5
+    strategy = RoundRobin(backends)
+    candidates = tuple(backends)
+    for _ in range(400):
+        strategy.pick(candidates, REQUEST)
+    ramping.effective_weight = 2.0
+    for _ in range(41 * 2):
+        strategy.pick(candidates, REQUEST)  # the turn scheduled at weight 0.5 comes and goes
+    counts = Counter(strategy.pick(candidates, REQUEST) for _ in range(41 * 10))
+    assert counts[ramping] == 20
+    assert all(counts[b] == 10 for b in backends if b is not ramping)
+
+
+def test_large_pool_accepts_the_pools_candidate_view() -> None:
+    """A retry's view of the pool (tried backends left out) is never answered with a tried one."""
+    backends = large_pool(*[1] * 40)
+    pool = Pool("p", backends, RoundRobin(backends), {}, PoolTimeouts())
+    tried = backends[::5]
+    candidates = pool.candidates(tried)
+    picks = {pool.strategy.pick(candidates, REQUEST) for _ in range(200)}
+    assert picks == set(backends) - set(tried)
