@@ -291,6 +291,7 @@ async def set_weight(request: web.Request) -> web.Response:
         return _error(400, "bad_request", "weight must be an integer from 1 to 10000")
     backend.weight = weight
     backend.effective_weight = float(weight)
+    pool.refresh()  # the pool's weight total changed
     return web.json_response(backend_state(backend, pool, _control(request)))
 
 

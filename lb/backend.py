@@ -23,6 +23,24 @@ FAILURE_SCORE_FLOOR = 0.01
 DEFAULT_RTT_S = 0.030
 
 
+class PoolLoad:
+    """Running totals over one pool's backends, so a strategy need not sum them per pick.
+
+    ``in_flight``: requests in flight on the pool's backends, and ``full``: the backends
+    holding their ``max_concurrency``, both written only by :class:`lb.load.Attempt` beside
+    each backend's own count. ``eligible_weight``: the summed ``effective_weight`` of the
+    pool's eligible backends, written by :class:`lb.pool.Pool` whenever the eligible set or a
+    weight changes.
+    """
+
+    __slots__ = ("eligible_weight", "full", "in_flight")
+
+    def __init__(self, backends: tuple[Backend, ...] = ()) -> None:
+        self.in_flight = sum(b.in_flight for b in backends)
+        self.full: set[Backend] = {b for b in backends if not b.has_room}
+        self.eligible_weight = 0.0
+
+
 @dataclass(eq=False, slots=True)
 class Backend:
     """One upstream server of a pool.
@@ -72,6 +90,9 @@ class Backend:
     reported_running: float | None = None  # requests in its running batch
     reported_kv_usage: float | None = None  # KV-cache usage, 0..1
     reported_at_s: float = 0.0
+
+    # The totals of the pool this backend belongs to (None for a backend in no pool).
+    pool_load: PoolLoad | None = None
 
     # TLS for https:// backends, set from the pool's ``tls`` settings (lb.tls): the client
     # context and the name checked in the certificate (None: the host).

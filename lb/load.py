@@ -1,4 +1,5 @@
-"""Load accounting: the one place that writes a backend's in-flight count, latency and outcomes.
+"""Load accounting: the one place that writes a backend's in-flight count, latency and outcomes
+(and its pool's in-flight total, :class:`lb.backend.PoolLoad`).
 
 Every upstream attempt is wrapped in an :class:`Attempt`. It takes the in-flight slot when it
 is created and gives it back exactly once, in :meth:`Attempt.finish`, whichever path ends the
@@ -72,6 +73,12 @@ class Attempt:
         self._done = False
         backend.in_flight += 1
         backend.requests_total += 1
+        pool_load = backend.pool_load
+        if pool_load is not None:
+            pool_load.in_flight += 1
+            limit = backend.max_concurrency
+            if limit is not None and backend.in_flight >= limit:
+                pool_load.full.add(backend)
 
     @property
     def done(self) -> bool:
@@ -98,6 +105,11 @@ class Attempt:
         self._done = True
         backend = self.backend
         backend.in_flight -= 1
+        pool_load = backend.pool_load
+        if pool_load is not None:
+            pool_load.in_flight -= 1
+            if pool_load.full and backend in pool_load.full and backend.has_room:
+                pool_load.full.discard(backend)
         status = self._status
         backend.responses_by_class[0 if status is None else min(status // 100, 5)] += 1
         backend.latency.observe(self._clock() - self._started_s)

@@ -10,13 +10,12 @@ selection stay three separate things: health and ejection only flip flags here.
 
 Cost. The eligible set is rebuilt only by :meth:`Pool.refresh`, which runs whenever a health
 verdict, an ejection, a hold, a drain or slow start changes it; a first attempt gets that tuple
-as it is, in O(1). A retry in a pool of more than 16 eligible backends gets a
-:class:`CandidateView` of it that leaves the tried backends out without copying the rest (in
-smaller pools a list is cheaper): O(k log k) to build for k tried, O(1) ``len`` and membership,
-O(k) indexing. With ``max_concurrency`` each call compares every eligible backend's in-flight
-count with its limit, in one pass done in C (~40-50 ns per backend on CPython 3.11), since
-nothing tells the pool when a count crosses its limit; only when some backend is full is a new
-list built.
+as it is, in O(1). A retry, or a call while some backends are at their ``max_concurrency``,
+in a pool of more than 16 eligible backends gets a :class:`CandidateView` of it that leaves the
+tried and the full backends out without copying the rest (in smaller pools a list is cheaper):
+O(k log k) to build for k left out, O(1) ``len`` and membership, O(k) indexing. Which backends
+are full is a set the attempts keep as they start and end (:class:`lb.backend.PoolLoad`,
+written by :class:`lb.load.Attempt`), so no call scans the pool for it.
 """
 
 from __future__ import annotations
@@ -26,12 +25,10 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import compress
-from operator import attrgetter, lt
 from typing import overload
 
 from lb.admission import AdmissionQueue
-from lb.backend import DEFAULT_DECAY_S, Backend
+from lb.backend import DEFAULT_DECAY_S, Backend, PoolLoad
 from lb.outlier import OutlierDetector
 from lb.retry import RetryBudget, RetryPolicy
 from lb.stats import PoolStats
@@ -45,10 +42,6 @@ SLOW_START_FLOOR = 0.1
 SLOW_START_TICK_S = 0.25
 # A retry over more eligible backends than this gets a view; over fewer, a copy is cheaper.
 VIEW_MIN_ELIGIBLE = 16
-# Stands in for "no max_concurrency" in the per-backend limits compared with in-flight counts.
-NO_LIMIT = 1 << 62
-
-_in_flight = attrgetter("in_flight")
 
 
 class CandidateView(Sequence[Backend]):
@@ -136,6 +129,10 @@ class Pool:
     ) -> None:
         self.name = name
         self.backends = tuple(backends)
+        # Running totals for strategies; seeded with what backends kept by a reload carry.
+        self.load = PoolLoad(self.backends)
+        for b in self.backends:
+            b.pool_load = self.load
         self.strategy = strategy
         self.shadow_strategy = shadow_strategy  # computed beside, to compare (never used)
         self.upstreams = upstreams
@@ -151,10 +148,8 @@ class Pool:
         self.clock = clock
         # Header lines naming each backend, built once: b"x-lb-backend: name\r\n".
         self.backend_lines: dict[Backend, bytes] = {}
-        self.limited = any(b.max_concurrency is not None for b in self.backends)
         self.eligible: tuple[Backend, ...] = ()
         self._eligible_index: dict[Backend, int] = {}  # backend -> its position in eligible
-        self._eligible_limits: tuple[int, ...] = ()  # max_concurrency of each, or NO_LIMIT
         self.panicking = False
         self._timer: asyncio.TimerHandle | None = None
         self._ramping: dict[Backend, float] = {}  # backend -> slow start began (clock)
@@ -194,9 +189,7 @@ class Pool:
         if eligible != self.eligible:
             self.eligible = eligible
             self._eligible_index = {b: i for i, b in enumerate(eligible)}
-            self._eligible_limits = tuple(
-                NO_LIMIT if b.max_concurrency is None else b.max_concurrency for b in eligible
-            )
+        self._sum_weights()
         self._schedule(next_change)
         if self.queue is not None and self.queue:
             self.queue.wake_one()
@@ -218,27 +211,21 @@ class Pool:
         """Backends eligible for the next attempt: available (or all, in panic), not tried,
         and with room under ``max_concurrency``.
 
-        The result is in pool order: the eligible tuple itself when nothing is left out, a
-        :class:`CandidateView` of it when only tried backends are (a list in small pools), and
-        a new list when some backend is full. Fullness is read at the call.
+        The result is in pool order: the eligible tuple itself when nothing is left out, else
+        a :class:`CandidateView` of it leaving out the tried and the full backends (a list in
+        small pools). Fullness is the pool's running set (:class:`lb.backend.PoolLoad`), kept
+        by the attempts as they start and end, so it is current at every call.
         """
         eligible = self.eligible
-        if self.limited:
-            # Which backends have room, in one pass done in C: in_flight < limit for each.
-            room = list(map(lt, map(_in_flight, eligible), self._eligible_limits))
-            if not all(room):
-                index = self._eligible_index
-                for backend in tried:
-                    position = index.get(backend)
-                    if position is not None:
-                        room[position] = False
-                return list(compress(eligible, room))
-        if not tried:
+        full = self.load.full
+        if not tried and not full:
             return eligible
         if len(eligible) <= VIEW_MIN_ELIGIBLE:
-            return [b for b in eligible if b not in tried]
+            return [b for b in eligible if b not in tried and b not in full]
         index = self._eligible_index
-        left_out = sorted({index[b] for b in tried if b in index})
+        left_out = sorted(
+            {index[b] for b in tried if b in index} | {index[b] for b in full if b in index}
+        )
         if not left_out:
             return eligible
         return CandidateView(eligible, index, left_out)
@@ -293,6 +280,9 @@ class Pool:
                      self.name, backend.name)  # fmt: skip
             self.refresh()
 
+    def _sum_weights(self) -> None:
+        self.load.eligible_weight = sum(b.effective_weight for b in self.eligible)
+
     # -- slow start -------------------------------------------------------------------------
 
     def begin_slow_start(self, backend: Backend) -> None:
@@ -304,6 +294,7 @@ class Pool:
             return
         self._ramping[backend] = now
         backend.effective_weight = backend.weight * SLOW_START_FLOOR
+        self._sum_weights()
         if self._ramp_timer is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -321,6 +312,7 @@ class Pool:
                 del self._ramping[backend]
             else:
                 backend.effective_weight = backend.weight * max(SLOW_START_FLOOR, share)
+        self._sum_weights()
         if self._ramping and not self._closed:
             loop = asyncio.get_running_loop()
             self._ramp_timer = loop.call_later(SLOW_START_TICK_S, self._ramp)

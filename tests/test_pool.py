@@ -11,6 +11,7 @@ import pytest
 from lb.admission import AdmissionQueue
 from lb.backend import Backend
 from lb.config_resilience import OutlierDetection
+from lb.load import Attempt
 from lb.outlier import OutlierDetector
 from lb.pool import SLOW_START_FLOOR, VIEW_MIN_ELIGIBLE, CandidateView, Pool, PoolTimeouts
 from lb.strategies import RoundRobin
@@ -227,9 +228,9 @@ def test_candidates_exclude_backends_at_their_concurrency_limit() -> None:
     """A backend holding max_concurrency requests is not a candidate until one ends."""
     backends = make_backends(3, max_concurrency=2)
     pool = make_pool(backends, clock=FakeClock())
-    backends[1].in_flight = 2
+    held = [Attempt(backends[1]), Attempt(backends[1])]
     assert list(pool.candidates([])) == [backends[0], backends[2]]
-    backends[1].in_flight = 1
+    held[0].finish()
     assert list(pool.candidates([])) == backends
 
 
@@ -237,7 +238,7 @@ def test_candidates_exclude_both_tried_and_full_backends() -> None:
     """Tried and full backends are both left out of the candidates."""
     backends = make_backends(4, max_concurrency=1)
     pool = make_pool(backends, clock=FakeClock())
-    backends[3].in_flight = 1
+    Attempt(backends[3])
     assert list(pool.candidates([backends[0]])) == [backends[1], backends[2]]
 
 
@@ -288,9 +289,38 @@ def test_full_candidates_are_read_at_each_call() -> None:
     backends = make_backends(4, max_concurrency=2)
     pool = make_pool(backends, clock=FakeClock())
     assert list(pool.candidates([])) == backends
-    backends[2].in_flight = 2
+    Attempt(backends[2])
+    Attempt(backends[2])
     assert list(pool.candidates([])) == [backends[0], backends[1], backends[3]]
     assert list(pool.candidates([backends[3]])) == [backends[0], backends[1]]
+
+
+def test_full_backends_of_a_large_pool_are_left_out_by_a_view() -> None:
+    """In a pool of 40, the backends at their limit and the tried ones are left out without
+    copying the rest, and a backend whose attempt ends is a candidate again."""
+    backends = make_backends(40, max_concurrency=1)
+    pool = make_pool(backends, clock=FakeClock())
+    held = {i: Attempt(backends[i]) for i in (3, 17, 39)}
+    view = pool.candidates([backends[5]])
+    assert isinstance(view, CandidateView)
+    assert list(view) == [b for i, b in enumerate(backends) if i not in (3, 5, 17, 39)]
+    held[17].finish()
+    assert backends[17] in pool.candidates([])
+    assert backends[3] not in pool.candidates([])
+
+
+def test_a_reloaded_pool_knows_which_kept_backends_are_full() -> None:
+    """A pool built over backends with attempts still running (a reload) starts from their
+    counts: the full one is left out and its totals match."""
+    backends = make_backends(3, max_concurrency=1)
+    make_pool(backends, clock=FakeClock())
+    running = Attempt(backends[0])
+    reloaded = make_pool(backends, clock=FakeClock())
+    assert list(reloaded.candidates([])) == backends[1:]
+    assert reloaded.load.in_flight == 1
+    running.finish()
+    assert list(reloaded.candidates([])) == backends
+    assert reloaded.load.in_flight == 0
 
 
 # -- hold -------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ to the least-loaded candidate by ``(in_flight + 1) / effective_weight``, ties at
 not hashed by some other field: stickiness that depends on which fields a request happens to
 carry would be surprising.
 
-The bound. Over the candidates, with ``total = sum(in_flight) + 1`` (counting this request) and
-``W = sum(effective_weight)``, backend ``b`` may take the request when
+The bound. Over the candidates (in large pools, the pool: see the cost below), with
+``total = sum(in_flight) + 1`` (counting this request) and ``W = sum(effective_weight)``,
+backend ``b`` may take the request when
 
     in_flight[b] < ceil(c * total * effective_weight[b] / W)       (c = ``balance_factor``)
 
@@ -58,12 +59,13 @@ while the owner can take the request (at most P, about ``n ln n`` expected, to m
 backend once). Membership in the candidates is O(1): the pool hands out the same eligible
 tuple until it changes (its set is kept here) or a view that answers membership itself. An
 idle owner is under any bound, so it is taken without computing one; otherwise the bound
-needs ``total`` and ``W`` over the candidates, summed in one pass (~50 ns per candidate). That
-pass is the only part that grows with the pool: in-flight counts are written by
-:class:`lb.load.Attempt` and weights by slow start and the admin API, with nothing telling the
-strategy, so it cannot keep them as running totals. Measured (``python -m benchmarks.picking``,
-CPython 3.11, ~2,000-character prompts, a busy fleet): ~4 us per pick over 2 to 10 backends,
-~7 us over 100, ~38 us over 1,000.
+needs ``total`` and ``W``. Over up to :data:`EXACT_TOTALS_MAX` (32) candidates they are summed
+over the candidates (~50 ns each); over more, they are read from the pool's running totals
+(:class:`lb.backend.PoolLoad`: in-flight kept by :class:`lb.load.Attempt`, eligible weight by
+the pool), in O(1). What that changes in large pools: ``total`` counts every request in flight
+on the pool's backends, including the few an unavailable backend may still be finishing, and
+``W`` includes backends already tried for this request, so on a retry the bounds are slightly
+tighter; the walk falls back to the least loaded should no candidate be under its bound.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ from lb.strategies.base import Clock, RequestInfo, Strategy
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
 # Float rounding guard for the bound: c * total * w / W must not round up past an integer.
 BOUND_EPSILON = 1e-9
+# Over more candidates than this, the bound reads the pool's running totals instead of a sum.
+EXACT_TOTALS_MAX = 32
 
 
 def ring_hash(data: bytes) -> int:
@@ -217,11 +221,20 @@ class ConsistentHash(Strategy):
 
         # Bound of backend b: ceil(c * total * effective_weight[b] / W), divided last so that
         # equal weights give exactly ceil(c * total / n).
-        total = 1
-        weight_sum = 0.0
-        for backend in candidates:
-            total += backend.in_flight
-            weight_sum += backend.effective_weight
+        pool_load = owner.pool_load
+        if (
+            len(candidates) > EXACT_TOTALS_MAX
+            and pool_load is not None
+            and pool_load.eligible_weight > 0
+        ):
+            total = pool_load.in_flight + 1  # the pool's running totals: O(1)
+            weight_sum = pool_load.eligible_weight
+        else:
+            total = 1
+            weight_sum = 0.0
+            for backend in candidates:
+                total += backend.in_flight
+                weight_sum += backend.effective_weight
         c_total = self.balance_factor * total
         seen: set[Backend] = set()
         note = "hash owner"

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from lb.backend import Backend
+from lb.load import Attempt
 from lb.pool import Pool, PoolTimeouts
 from lb.strategies import ConsistentHash, RequestInfo, build
 from lb.strategies.consistent_hash import ring_hash
@@ -248,11 +249,21 @@ def test_registry_builds_it_and_rejects_unknown_options() -> None:
         build("consistent_hash", backends, options={"decay_s": 1})
 
 
-def reference_pick(strategy: ConsistentHash, candidates: list[Backend], key: str) -> Backend | None:
+def reference_pick(
+    strategy: ConsistentHash,
+    candidates: list[Backend],
+    key: str,
+    pool: Pool | None = None,
+) -> Backend | None:
     """The bounded-loads rule written out plainly: the first candidate clockwise from the key
-    under ceil(c * (sum(in_flight) + 1) * w / W); ``None`` when none is."""
-    total = sum(b.in_flight for b in candidates) + 1
-    weights = sum(b.effective_weight for b in candidates)
+    under ceil(c * (sum(in_flight) + 1) * w / W); ``None`` when none is. The sums are over the
+    candidates, or over ``pool`` (its in-flight total and eligible weight) when given."""
+    if pool is None:
+        total = sum(b.in_flight for b in candidates) + 1
+        weights = sum(b.effective_weight for b in candidates)
+    else:
+        total = sum(b.in_flight for b in pool.backends) + 1
+        weights = sum(b.effective_weight for b in pool.eligible)
     ring = sorted(
         (ring_hash(f"{b.name}#{i}".encode()), order, b)
         for order, b in enumerate(strategy.backends)
@@ -269,19 +280,24 @@ def reference_pick(strategy: ConsistentHash, candidates: list[Backend], key: str
     return None
 
 
-def test_picks_match_the_bounded_loads_rule_over_a_busy_pool_of_100() -> None:
-    """Over random loads, weights and candidate subsets, each pick is the rule's answer."""
+@pytest.mark.parametrize("size", [20, 100])
+def test_picks_match_the_bounded_loads_rule_over_a_busy_pool(size: int) -> None:
+    """Over random loads, weights and candidate subsets, each pick is the rule's answer: with
+    sums over the candidates up to 32 of them, over the pool's running totals beyond."""
     rng = random.Random(99)
-    backends = make_backends(*[1 + i % 3 for i in range(100)])
+    backends = make_backends(*[1 + i % 3 for i in range(size)])
     strategy = make_strategy(backends, virtual_nodes=10)
     pool = Pool("p", backends, strategy, {}, PoolTimeouts())
     for i in range(300):
         for backend in backends:
             backend.in_flight = rng.choice([0, 0, 1, 2, 3, 5, 8, 13])
+        pool.load.in_flight = sum(b.in_flight for b in backends)  # as Attempt keeps it
         tried = rng.sample(backends, rng.randint(0, 3))
         candidates = pool.candidates(tried)  # the tuple, or a view leaving the tried out
         key = f"tenant-{rng.randint(0, 40)}"
-        expected = reference_pick(strategy, list(candidates), key)
+        expected = reference_pick(
+            strategy, list(candidates), key, pool if len(candidates) > 32 else None
+        )
         chosen = strategy.pick(candidates, prompt(key))
         if expected is not None:
             assert chosen is expected, i
@@ -298,3 +314,41 @@ def test_idle_owner_takes_its_key_in_a_busy_pool() -> None:
         backend.in_flight = 0 if backend is owner else 40
     assert strategy.pick(tuple(backends), request) is owner
     assert strategy.explain(owner, request) == "hash owner"
+
+
+def test_a_large_pools_running_totals_follow_attempts_and_weights() -> None:
+    """The totals a large pool's bound reads are kept by the attempts themselves and by the
+    pool: they equal the sums they stand for after attempts start and end and weights change."""
+    backends = make_backends(*[1 + i % 2 for i in range(40)])
+    pool = Pool("p", backends, make_strategy(backends), {}, PoolTimeouts())
+    attempts = [Attempt(backends[i % 7]) for i in range(25)]
+    assert pool.load.in_flight == sum(b.in_flight for b in backends) == 25
+    for attempt in attempts[:10]:
+        attempt.finish()
+    attempts[10].finish(failed=True)
+    attempts[10].finish()  # a second finish counts nothing
+    assert pool.load.in_flight == sum(b.in_flight for b in backends) == 14
+    assert pool.load.eligible_weight == sum(b.weight for b in backends)
+    backends[3].drained = True
+    pool.refresh()
+    assert pool.load.eligible_weight == sum(b.weight for b in backends) - backends[3].weight
+
+
+def test_a_hot_key_in_a_large_pool_spreads_once_its_owner_is_over_the_bound() -> None:
+    """With 100 backends, requests for one key held in flight fill its owner up to the bound
+    (the pool's total load), then go on around the ring, never past the bound."""
+    backends = make_backends(*([1] * 100))
+    strategy = make_strategy(backends, balance_factor=1.25)
+    pool = Pool("p", backends, strategy, {}, PoolTimeouts())
+    for b in backends:  # a busy pool: 2 in flight everywhere
+        for _ in range(2):
+            Attempt(b)
+    held = []
+    for _ in range(30):
+        chosen = strategy.pick(pool.candidates(()), prompt("hot tenant"))
+        held.append(Attempt(chosen))
+        bound = math.ceil(1.25 * (pool.load.in_flight) / 100 - 1e-9)
+        assert chosen.in_flight <= bound
+    per_backend = Counter(a.backend.name for a in held)
+    assert len(per_backend) > 1
+    assert max(per_backend.values()) < 30
