@@ -12,8 +12,7 @@ its failures count as phantom requests instead, and fade so it is tried again on
 
 Ties are broken uniformly at random. Scores are compared cross-multiplied,
 ``(i_a + 1) * w_b < (i_b + 1) * w_a``, so ties are detected exactly while no backend has recent
-failures. In equal-weight pools of more than 16 candidates only two are compared (see "Cost,
-and large pools").
+failures. Over more than 16 candidates only two are compared (see "Cost, and large pools").
 
 Why ``+ 1``. Without it every idle backend scores 0 whatever its weight, so weight would only
 start to matter once requests pile up. With it:
@@ -38,22 +37,23 @@ score (Envoy schedules in proportion to it, and picks by power of two choices wh
 equal; here the best backend is taken outright, except in large equal-weight pools, below).
 
 Cost, and large pools. A full scan costs ~100 ns per candidate on CPython 3.11: ~2 us over 16
-candidates, ~100 us over 1,000 (``python -m benchmarks.picking``). So when the pool's backends
-all have the same configured weight and there are more than :data:`FULL_SCAN_MAX_CANDIDATES`
-(16) candidates, a pick draws two distinct candidates uniformly at random and takes the one
-with the lower score instead (power of two choices; Mitzenmacher, "The Power of Two Choices in
-Randomized Load Balancing", IEEE TPDS 2001), and its cost no longer grows with the pool. This
-is Envoy's rule: ``least_request`` picks by power of two choices when weights are equal
-(``choice_count``, default 2). What changes there: a pick is the better of two, not always the
-least loaded. The most loaded candidate is still never chosen while no other ties its score,
-and under steady load the busiest backend holds a few requests above the average (simulated,
-100 to 1,000 backends averaging 8 in flight: about 3, against at most 1 for the full scan), the gap
-growing as ``log log n``. Pools with unequal weights keep the full scan at every size:
-uniform sampling caps what any backend can receive at about ``2 / n`` of the picks, so a
-backend weighing more than twice the average could never take its share (simulated, weights
-10 and 1: the heavy backends took 10% of requests instead of 35%). Slow start makes effective
-weights unequal for a while, but only downwards: a ramping backend needs less than an even
-share, and the comparison (by effective weight) gives it less.
+candidates, ~100 us over 1,000 (``python -m benchmarks.picking``). So above
+:data:`FULL_SCAN_MAX_CANDIDATES` (16) candidates a pick draws two distinct candidates and takes
+the one with the lower score instead (power of two choices; Mitzenmacher, "The Power of Two
+Choices in Randomized Load Balancing", IEEE TPDS 2001), and its cost no longer grows with the
+pool. In equal-weight pools the two are drawn uniformly: Envoy's rule, ``least_request`` with
+``choice_count`` 2. With unequal weights uniform draws would cap what any backend can receive at
+about ``2 / n`` of the picks, so a backend weighing more than twice the average could never take
+its share (simulated, weights 10 and 1: the heavy backends took 10% of requests instead of
+77%); there each draw is proportional to effective weight instead, by rejection (a uniform
+draw kept with probability ``weight / max_weight``; ``max_weight / mean weight`` draws
+expected, at most :data:`MAX_DRAWS`), and the same weights then fill in proportion (tested:
+ten backends of weight 10 and thirty of weight 1 take 69-85% and 15-31% of 1,300 requests).
+What changes against the full scan: a pick is the better of two, not always the least loaded.
+The most loaded candidate is still never chosen while no other ties its score, and under
+steady load the busiest backend holds a few requests above the average (simulated, 100 to
+1,000 backends averaging 8 in flight: about 3, against at most 1 for the full scan), the gap
+growing as ``log log n``.
 
 Like Envoy's, this reads the very counter that is exported as a metric (``Backend.in_flight``,
 written by :class:`lb.load.Attempt`): what you see is what it used.
@@ -69,16 +69,18 @@ from typing import Any, ClassVar
 from lb.backend import DEFAULT_DECAY_S, Backend
 from lb.strategies.base import Clock, RequestInfo, Strategy
 
-# In a pool of equal weights, above this many candidates a pick compares two drawn at random
-# instead of scanning them all (the module docstring says why, and why only equal weights).
+# Above this many candidates a pick compares two drawn at random instead of scanning them all
+# (the module docstring says why, and how the draw respects unequal weights).
 FULL_SCAN_MAX_CANDIDATES = 16
+# Draws of a weighted sample (and redraws of a second one equal to the first) before giving up.
+MAX_DRAWS = 64
 
 
 class LeastConnections(Strategy):
     """Pick the candidate with the lowest ``(in_flight + 1 + recent_failures) / weight``.
 
-    When the pool's configured weights are all equal and there are more than
-    ``FULL_SCAN_MAX_CANDIDATES`` candidates: the lower of two candidates drawn at random.
+    Above ``FULL_SCAN_MAX_CANDIDATES`` candidates: the lower of two candidates drawn at random
+    (uniformly when the pool's weights are equal, else in proportion to weight).
     Ties are broken at random with ``self.rng``. Option ``decay_s`` (default
     ``lb.backend.DEFAULT_DECAY_S``): how fast recent failures fade.
     """
@@ -98,8 +100,10 @@ class LeastConnections(Strategy):
         self.decay_s = float(self.options.get("decay_s", DEFAULT_DECAY_S))
         if not self.decay_s > 0:
             raise ValueError("option 'decay_s' of strategy 'least_connections' must be > 0")
-        # Configured weights are fixed for the strategy's life (it is rebuilt with the pool).
+        # Configured weights are fixed for the strategy's life (it is rebuilt with the pool),
+        # except through the admin API: max_weight follows a weight seen above it.
         self.equal_weights = len({backend.weight for backend in self.backends}) <= 1
+        self.max_weight = float(max((b.weight for b in self.backends), default=1))
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         n = len(candidates)
@@ -108,14 +112,23 @@ class LeastConnections(Strategy):
         random = self.rng.random
         now = self.clock()
         decay_s = self.decay_s
-        if n > FULL_SCAN_MAX_CANDIDATES and self.equal_weights:
-            # Two distinct indices, as in latency_weighted: i from n, j from the n - 1 others.
-            i = int(random() * n)
-            j = int(random() * (n - 1))
-            if j >= i:
-                j += 1
-            a = candidates[i]
-            b = candidates[j]
+        if n > FULL_SCAN_MAX_CANDIDATES:
+            if self.equal_weights:
+                # Two distinct indices, as in latency_weighted: i from n, j from the n - 1
+                # others.
+                i = int(random() * n)
+                j = int(random() * (n - 1))
+                if j >= i:
+                    j += 1
+                a = candidates[i]
+                b = candidates[j]
+            else:
+                a = self._draw_by_weight(candidates, n)
+                b = self._draw_by_weight(candidates, n)
+                for _ in range(MAX_DRAWS):
+                    if b is not a:
+                        break
+                    b = self._draw_by_weight(candidates, n)
             load_a = a.in_flight + 1.0
             if a.failure_score:
                 load_a += a.failure_score_at(now, decay_s)
@@ -155,3 +168,19 @@ class LeastConnections(Strategy):
                 if random() * ties < 1.0:
                     best = backend
         return best
+
+    def _draw_by_weight(self, candidates: Sequence[Backend], n: int) -> Backend:
+        """A candidate drawn with probability proportional to its effective weight, by
+        rejection: uniform draws, each kept with probability ``weight / max_weight``
+        (``max_weight / mean weight`` draws expected; after :data:`MAX_DRAWS`, the last)."""
+        random = self.rng.random
+        max_weight = self.max_weight
+        backend = candidates[0]
+        for _ in range(MAX_DRAWS):
+            backend = candidates[int(random() * n)]
+            weight = backend.effective_weight
+            if weight > max_weight:  # raised through the admin API since the pool was built
+                self.max_weight = max_weight = weight
+            if random() * max_weight < weight:
+                return backend
+        return backend

@@ -176,12 +176,38 @@ def test_large_equal_weight_pool_keeps_in_flight_counts_within_a_few_requests() 
     assert min(b.in_flight for b in backends) >= 14
 
 
-def test_large_pool_with_unequal_weights_still_scans_every_candidate() -> None:
-    """With weights 1 and 2 in a pool of 100, the single least loaded backend takes every pick."""
+def test_large_pool_with_unequal_weights_fills_in_proportion_to_weight() -> None:
+    """Ten backends of weight 10 and thirty of weight 1, filled with 1,300 requests: the
+    heavy ones take about their share (1,000), and load per weight stays close everywhere."""
+    backends = make_backends(*([10] * 10 + [1] * 30))
+    strategy = make_strategy(backends)
+    for _ in range(1_300):
+        strategy.pick(backends, REQUEST).in_flight += 1
+    heavy = sum(b.in_flight for b in backends if b.weight == 10)
+    assert 900 <= heavy <= 1_100
+    per_weight = [b.in_flight / b.weight for b in backends]
+    assert max(per_weight) - min(per_weight) <= 8  # average 10 per unit of weight
+
+
+def test_large_pool_with_unequal_weights_never_picks_its_busiest_backend() -> None:
+    """Power of two choices, drawn by weight: the one backend far busier than the rest (for
+    its weight) is never the better of two."""
     backends = make_backends(*[2 if i % 4 == 3 else 1 for i in range(100)])
     for backend in backends:
         backend.in_flight = 5
-    idle = backends[50]
-    idle.in_flight = 0
+    busiest = backends[51]  # weight 1
+    busiest.in_flight = 50
     strategy = make_strategy(backends)
-    assert {strategy.pick(backends, REQUEST) for _ in range(200)} == {idle}
+    assert busiest not in {strategy.pick(backends, REQUEST) for _ in range(2_000)}
+
+
+def test_large_pool_with_unequal_weights_picks_each_backend_when_idle() -> None:
+    """Idle, every backend of a mixed-weight pool of 60 is picked now and then (none starves),
+    the heavier ones more often."""
+    backends = make_backends(*[3 if i % 3 == 0 else 1 for i in range(60)])
+    strategy = make_strategy(backends)
+    counts = Counter(strategy.pick(backends, REQUEST) for _ in range(30_000))
+    assert all(counts[b] > 0 for b in backends)
+    heavy = sum(counts[b] for b in backends if b.weight == 3) / 20
+    light = sum(counts[b] for b in backends if b.weight == 1) / 40
+    assert heavy > 2 * light
