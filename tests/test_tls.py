@@ -103,9 +103,8 @@ def tls_pool(backend: TLSBackend, tls: dict[str, Any] | None, **extra: Any) -> d
 
 
 async def get(app: App, path: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url(app, path)) as resp:
-            return resp.status, await resp.json(content_type=None)
+    async with aiohttp.ClientSession() as session, session.get(url(app, path)) as resp:
+        return resp.status, await resp.json(content_type=None)
 
 
 async def test_a_backend_signed_by_the_pools_ca_file_serves_requests_over_tls(

@@ -43,7 +43,7 @@ async def ws_backends() -> AsyncIterator[Callable[[int], Awaitable[list[WSBacken
 
     async def start(n: int) -> list[WSBackend]:
         out = []
-        for i in range(n):
+        for _i in range(n):
             backend = WSBackend(name=f"ws{len(runners)}")
 
             async def ws(request: web.Request, b: WSBackend = backend) -> web.WebSocketResponse:
@@ -111,15 +111,17 @@ async def until(check: Callable[[], bool], timeout_s: float = READ_TIMEOUT_S) ->
 async def test_messages_cross_the_tunnel_both_ways(ws_backends, start_proxy):
     (b0,) = await ws_backends(1)
     app = await start_proxy(proxy_config([ws_pool([b0])]))
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(ws_url(app), timeout=WS_TIMEOUT) as sock:
-            for i in range(20):
-                await sock.send_str(f"hello {i}")
-                msg = await sock.receive(timeout=READ_TIMEOUT_S)
-                assert (msg.type, msg.data) == (WSMsgType.TEXT, f"ws0:hello {i}")
-            await sock.send_bytes(b"\x00\x01\x02" * 10000)  # frames larger than a socket read
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ws_url(app), timeout=WS_TIMEOUT) as sock,
+    ):
+        for i in range(20):
+            await sock.send_str(f"hello {i}")
             msg = await sock.receive(timeout=READ_TIMEOUT_S)
-            assert msg.data == (b"\x00\x01\x02" * 10000)[::-1]
+            assert (msg.type, msg.data) == (WSMsgType.TEXT, f"ws0:hello {i}")
+        await sock.send_bytes(b"\x00\x01\x02" * 10000)  # frames larger than a socket read
+        msg = await sock.receive(timeout=READ_TIMEOUT_S)
+        assert msg.data == (b"\x00\x01\x02" * 10000)[::-1]
     assert b0.sessions == 1
 
 
@@ -128,12 +130,12 @@ async def test_the_handshake_reaches_the_backend_with_its_websocket_headers(
 ):
     (b0,) = await ws_backends(1)
     app = await start_proxy(proxy_config([ws_pool([b0])]))
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(
-            ws_url(app), protocols=("chat.v1",), timeout=WS_TIMEOUT
-        ) as sock:
-            await sock.send_str("x")
-            await sock.receive(timeout=READ_TIMEOUT_S)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ws_url(app), protocols=("chat.v1",), timeout=WS_TIMEOUT) as sock,
+    ):
+        await sock.send_str("x")
+        await sock.receive(timeout=READ_TIMEOUT_S)
     headers = {k.lower(): v for k, v in b0.request_headers[0].items()}
     assert headers["upgrade"].lower() == "websocket"
     assert "upgrade" in headers["connection"].lower()
@@ -163,13 +165,15 @@ async def test_closing_from_the_backend_reaches_the_client(ws_backends, start_pr
     (b0,) = await ws_backends(1)
     b0.close_after_first = True
     app = await start_proxy(proxy_config([ws_pool([b0])]))
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(ws_url(app), timeout=WS_TIMEOUT) as sock:
-            await sock.send_str("only")
-            first = await sock.receive(timeout=READ_TIMEOUT_S)
-            assert first.data == "ws0:only"
-            closing = await sock.receive(timeout=READ_TIMEOUT_S)
-            assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ws_url(app), timeout=WS_TIMEOUT) as sock,
+    ):
+        await sock.send_str("only")
+        first = await sock.receive(timeout=READ_TIMEOUT_S)
+        assert first.data == "ws0:only"
+        closing = await sock.receive(timeout=READ_TIMEOUT_S)
+        assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
     backend = app.proxy.pools["realtime"].backends[0]
     await until(lambda: backend.in_flight == 0)
 
@@ -213,14 +217,14 @@ async def test_a_handshake_the_backend_does_not_accept_is_an_ordinary_answer(
 async def test_an_idle_tunnel_is_closed_after_the_idle_timeout(ws_backends, start_proxy):
     (b0,) = await ws_backends(1)
     app = await start_proxy(proxy_config([ws_pool([b0], timeouts={"idle_s": 0.3})]))
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(
-            ws_url(app), timeout=WS_TIMEOUT, autoping=False, heartbeat=None
-        ) as sock:
-            await sock.send_str("hi")
-            await sock.receive(timeout=READ_TIMEOUT_S)
-            msg = await sock.receive(timeout=READ_TIMEOUT_S)  # nothing sent: the proxy ends it
-            assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ws_url(app), timeout=WS_TIMEOUT, autoping=False, heartbeat=None) as sock,
+    ):
+        await sock.send_str("hi")
+        await sock.receive(timeout=READ_TIMEOUT_S)
+        msg = await sock.receive(timeout=READ_TIMEOUT_S)  # nothing sent: the proxy ends it
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR)
     await until(lambda: b0.open_sessions == 0)
 
 
@@ -228,7 +232,7 @@ async def test_a_client_gone_mid_handshake_leaves_nothing_behind(ws_backends, st
     (b0,) = await ws_backends(1)
     app = await start_proxy(proxy_config([ws_pool([b0])]))
     for _ in range(5):
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
         writer.write(
             b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
@@ -239,7 +243,9 @@ async def test_a_client_gone_mid_handshake_leaves_nothing_behind(ws_backends, st
         await writer.wait_closed()
     backend = app.proxy.pools["realtime"].backends[0]
     await until(lambda: backend.in_flight == 0 and b0.open_sessions == 0)
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(ws_url(app), timeout=WS_TIMEOUT) as sock:
-            await sock.send_str("still fine")
-            assert (await sock.receive(timeout=READ_TIMEOUT_S)).data == "ws0:still fine"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ws_url(app), timeout=WS_TIMEOUT) as sock,
+    ):
+        await sock.send_str("still fine")
+        assert (await sock.receive(timeout=READ_TIMEOUT_S)).data == "ws0:still fine"
