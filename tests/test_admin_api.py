@@ -181,9 +181,7 @@ async def test_state_shows_each_backends_last_health_probe(backends, start_proxy
 
 async def test_state_without_health_checks_or_load_reports_says_null(backends, start_proxy):
     (b0,) = await backends(1)
-    app = await start_proxy(
-        proxy_config([pool("chat", [b0], health_check={"enabled": False})])
-    )
+    app = await start_proxy(proxy_config([pool("chat", [b0], health_check={"enabled": False})]))
     b = _backend(await _state(app), "chat", "b0")
     assert (b["health_check"], b["load_report"]) == (None, None)
 
