@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: run test lint typecheck check bench bench-picking bench-routing clean system-deps
+.PHONY: run test lint typecheck check bench bench-peers bench-picking bench-routing bench-soak clean system-deps
 
 # Runtime install: the package alone.
 $(VENV)/.installed: pyproject.toml
@@ -56,6 +56,11 @@ check: lint typecheck test
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.bench
 
+## bench-peers: lb beside nginx, HAProxy, vllm-router, sglang-router and LiteLLM (installs them)
+bench-peers: $(VENV)/.installed-dev
+	$(PY) -m pip install -q matplotlib
+	$(PY) -m benchmarks.peers
+
 ## bench-routing: strategies and peer routers on a simulated fleet (shared prefixes, slow replica)
 bench-routing: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.routing
@@ -63,6 +68,10 @@ bench-routing: $(VENV)/.installed-dev
 ## bench-picking: cost of one pick per strategy from 2 to 1,000 backends
 bench-picking: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.picking
+
+## bench-soak: proxy memory per 1,000 idle open streams, and its trend over a 10-minute soak
+bench-soak: $(VENV)/.installed-dev
+	$(PY) -m benchmarks.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -57,6 +58,17 @@ class TextTokens(Sequence[str]):
         return self.text[start : start + CHARS_PER_TOKEN]
 
 
+def token_id(token: str) -> int:
+    """The id of a token text: its CRC-32, below 2**31. Deterministic across processes
+    (unlike ``hash``), so every replica gives a prompt the same ids."""
+    return zlib.crc32(token.encode("utf-8", "surrogatepass")) & 0x7FFFFFFF
+
+
+def token_ids(tokens: Tokens) -> list[int]:
+    """Ids of a tokenised prompt: :func:`token_id` of each token text; ids stay as they are."""
+    return [token if isinstance(token, int) else token_id(str(token)) for token in tokens]
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
     """The parts of an OpenAI completion request the simulation uses."""
@@ -92,13 +104,7 @@ def parse_completion_request(body: object, *, chat: bool) -> CompletionRequest:
     """
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty array")
-        tokens: Tokens = TextTokens("".join(_message_text(m) for m in messages))
-    else:
-        tokens = _prompt(body.get("prompt"))
+    tokens = parse_prompt(body, chat=chat)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
@@ -112,6 +118,19 @@ def parse_completion_request(body: object, *, chat: bool) -> CompletionRequest:
         raise ValueError("'stream_options' must be an object with a boolean 'include_usage'")
     include_usage = stream and options.get("include_usage", False)
     return CompletionRequest(chat, tokens, max_tokens, stream, include_usage)
+
+
+def parse_prompt(body: dict[str, Any], *, chat: bool) -> Tokens:
+    """The tokenised prompt of a decoded body: its ``messages`` (chat) or its ``prompt``.
+
+    Raise ``ValueError`` with an OpenAI-style message when it is missing or malformed.
+    """
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty array")
+        return TextTokens("".join(_message_text(m) for m in messages))
+    return _prompt(body.get("prompt"))
 
 
 def _message_text(message: object) -> str:

@@ -7,7 +7,10 @@ one :class:`~backends.engine.Engine` per port, each instance named ``sim-<port>`
 Model endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream`` and
 ``stream_options.include_usage`` supported; token ``i`` is the text ``"tok<i> "``; every
 response finishes with ``"length"`` after ``max_tokens``, default 16), ``GET /v1/models``.
-Request parsing and response shapes live in :mod:`backends.openai_api`.
+Request parsing and response shapes live in :mod:`backends.openai_api`. vLLM's tokenizer
+endpoints, ``POST /tokenize`` and ``POST /v1/chat/completions/render`` (and
+``/v1/completions/render``), answer with the simulation's own token ids
+(:mod:`backends.tokenize_routes`), for routers that match prefixes on token ids.
 The ``model`` field is optional and any value is accepted; responses name the served model.
 
 Each instance simulates vLLM's automatic prefix caching (:mod:`backends.prefix_cache`): a
@@ -36,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from backends import sim_ops, testing_routes
+from backends import sim_ops, testing_routes, tokenize_routes
 from backends.engine import Engine, EngineConfig
 from backends.faults import ChunkSender, Faults, StreamDropped
 from backends.openai_api import (
@@ -337,6 +340,7 @@ ROUTES = [
     web.post("/v1/chat/completions", chat_completions),
     web.post("/v1/completions", completions),
     web.get("/v1/models", models),
+    *tokenize_routes.ROUTES,
     *sim_ops.ROUTES,
     *testing_routes.ROUTES,
 ]

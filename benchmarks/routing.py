@@ -1,12 +1,16 @@
 """``make bench-routing``: routing strategies side by side on a fleet of simulated model servers.
 
-Two scenarios, each run against every target (one lb process per strategy, and the peer
-routers sglang-router and vllm-router) in interleaved rounds, every target of a round getting
+Three scenarios, each run against every target (one lb process per strategy, plus
+``least_loaded+prefix``, ``least_loaded`` with a prefix weight; and the peer routers
+sglang-router and vllm-router) in interleaved rounds, every target of a round getting
 the very same requests at the same offsets:
 
 1. shared prefixes: tenants with long system prompts, multi-turn chats; time to first token,
    fleet output tokens per second, and the fleet's prefix-cache hit rate;
-2. a heterogeneous fleet (one replica at half speed) with prompts that share nothing: request
+2. shared prefixes under load: the same kind of sessions, more of them and a hotter tenant
+   popularity, so that strict affinity saturates the hot tenants' replica and queues form
+   inside it: the same figures, where balancing affinity against load decides;
+3. a heterogeneous fleet (one replica at half speed) with prompts that share nothing: request
    latency p50/p99 and the share of requests the slow replica got.
 
 Before each segment the replicas' counters are zeroed and their prefix caches emptied; the
@@ -62,6 +66,7 @@ SHARED_STRATEGIES = (
     "consistent_hash",
     "cache_aware",
     "least_loaded",
+    "least_loaded+prefix",
 )
 HETERO_STRATEGIES = (
     "round_robin",
@@ -70,7 +75,9 @@ HETERO_STRATEGIES = (
     "least_loaded",
     "consistent_hash",
     "cache_aware",
+    "least_loaded+prefix",
 )
+SCENARIOS = ("shared", "loaded", "hetero")
 REPLICAS = 4
 SLOW_REPLICA = REPLICAS - 1  # the last one
 QUEUE_SAMPLE_S = 0.25
@@ -95,12 +102,16 @@ class Settings:
 
     rounds: int
     shared: Phase
+    loaded: Phase
     hetero: Phase
     sessions_per_s: float
+    loaded_sessions_per_s: float
+    loaded_zipf_s: float
     requests_per_s: float
     slow_speed: float
     seed: int
     scenarios: tuple[str, ...]
+    strategies: tuple[str, ...] | None  # lb strategies to run; None: every one
     peers: bool
     install_peers: bool
     peers_dir: Path
@@ -225,17 +236,28 @@ def run(settings: Settings, progress: Progress) -> dict[str, Any]:
         "peer_versions": {},
     }
     shared_shape = SharedPrefixShape(sessions_per_s=settings.sessions_per_s)
+    loaded_shape = SharedPrefixShape(
+        sessions_per_s=settings.loaded_sessions_per_s, zipf_s=settings.loaded_zipf_s
+    )
     hetero_shape = UniquePromptShape(requests_per_s=settings.requests_per_s)
-    results["workload"] = {"shared": asdict(shared_shape), "hetero": asdict(hetero_shape)}
+    results["workload"] = {
+        "shared": asdict(shared_shape),
+        "loaded": asdict(loaded_shape),
+        "hetero": asdict(hetero_shape),
+    }
+    shared_strategies = _only(SHARED_STRATEGIES, settings.strategies)
+    hetero_strategies = _only(HETERO_STRATEGIES, settings.strategies)
     with tempfile.TemporaryDirectory(prefix="lb-routing-") as tmp_name:
         tmp = Path(tmp_name)
         services: list[Service] = []
         targets: dict[str, Target] = {}
         try:
             fleet = start_fleet(tmp, REPLICAS, settings.knobs, services, progress)
-            wanted = list(SHARED_STRATEGIES) if "shared" in settings.scenarios else []
+            wanted: list[str] = []
+            if {"shared", "loaded"} & set(settings.scenarios):
+                wanted += shared_strategies
             if "hetero" in settings.scenarios:
-                wanted += [s for s in HETERO_STRATEGIES if s not in wanted]
+                wanted += [s for s in hetero_strategies if s not in wanted]
             targets = start_targets(
                 tmp,
                 wanted,
@@ -257,10 +279,30 @@ def run(settings: Settings, progress: Progress) -> dict[str, Any]:
                         )
                         for r in range(1, settings.rounds + 1)
                     ]
-                    chosen = [targets[f"lb {s}"] for s in SHARED_STRATEGIES] + peers
+                    chosen = [targets[f"lb {s}"] for s in shared_strategies] + peers
                     progress(f"shared prefixes: {len(chosen)} targets, {settings.rounds} rounds")
                     results["shared"] = runner.run(
                         run_scenario("shared", chosen, fleet, scripts, settings.shared, progress)
+                    )
+                if "loaded" in settings.scenarios:
+                    # The same tenants' system prompts as scenario 1, other sessions.
+                    prompts = system_prompts(settings.seed, loaded_shape)
+                    scripts = [
+                        shared_prefix_script(
+                            settings.seed * 1000 + 200 + r,
+                            loaded_shape,
+                            prompts,
+                            settings.loaded.load_s,
+                        )
+                        for r in range(1, settings.rounds + 1)
+                    ]
+                    chosen = [targets[f"lb {s}"] for s in shared_strategies] + peers
+                    progress(
+                        f"shared prefixes under load: {len(chosen)} targets, "
+                        f"{settings.rounds} rounds"
+                    )
+                    results["loaded"] = runner.run(
+                        run_scenario("loaded", chosen, fleet, scripts, settings.loaded, progress)
                     )
                 if "hetero" in settings.scenarios:
                     scripts = [
@@ -272,7 +314,7 @@ def run(settings: Settings, progress: Progress) -> dict[str, Any]:
                     speeds = [1.0] * REPLICAS
                     speeds[SLOW_REPLICA] = settings.slow_speed
                     runner.run(_set_speeds(fleet, speeds))
-                    chosen = [targets[f"lb {s}"] for s in HETERO_STRATEGIES] + peers
+                    chosen = [targets[f"lb {s}"] for s in hetero_strategies] + peers
                     progress(
                         f"heterogeneous fleet (sim-{fleet.ports[SLOW_REPLICA]} at speed "
                         f"{settings.slow_speed}): {len(chosen)} targets, {settings.rounds} rounds"
@@ -292,6 +334,10 @@ def run(settings: Settings, progress: Progress) -> dict[str, Any]:
             stop_all(services)
         results["logs"] = {t.name: log_summary(t.service) for t in targets.values()}
     return results
+
+
+def _only(strategies: tuple[str, ...], wanted: tuple[str, ...] | None) -> list[str]:
+    return [s for s in strategies if wanted is None or s in wanted]
 
 
 async def _set_speeds(fleet: Fleet, speeds: list[float]) -> None:
@@ -318,23 +364,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (2)")
     p.add_argument("--warmup", type=float, default=4.0, help="scenario 1 warm-up seconds (4)")
     p.add_argument("--measure", type=float, default=12.0, help="scenario 1 measured seconds (12)")
-    p.add_argument("--hetero-warmup", type=float, default=2.0, help="scenario 2 warm-up (2)")
-    p.add_argument("--hetero-measure", type=float, default=8.0, help="scenario 2 measured (8)")
+    p.add_argument("--loaded-warmup", type=float, default=4.0, help="scenario 2 warm-up (4)")
+    p.add_argument("--loaded-measure", type=float, default=12.0, help="scenario 2 measured (12)")
+    p.add_argument("--hetero-warmup", type=float, default=2.0, help="scenario 3 warm-up (2)")
+    p.add_argument("--hetero-measure", type=float, default=8.0, help="scenario 3 measured (8)")
     p.add_argument("--drain", type=float, default=10.0, help="longest wait for stragglers (10)")
     p.add_argument("--sessions-per-s", type=float, default=20.0, help="scenario 1 rate (20)")
-    p.add_argument("--requests-per-s", type=float, default=80.0, help="scenario 2 rate (80)")
+    p.add_argument("--loaded-sessions-per-s", type=float, default=30.0, help="scenario 2 rate (30)")
+    p.add_argument(
+        "--loaded-zipf", type=float, default=1.2, help="scenario 2 tenant popularity (1.2)"
+    )
+    p.add_argument("--requests-per-s", type=float, default=80.0, help="scenario 3 rate (80)")
     p.add_argument("--slow-speed", type=float, default=0.5, help="slow replica's speed (0.5)")
     p.add_argument("--cache-blocks", type=int, default=384, help="prefix cache per replica (384)")
     p.add_argument("--seed", type=int, default=1, help="workload seed (1)")
     p.add_argument(
-        "--scenario", choices=("all", "shared", "hetero"), default="all", help="which (all)"
+        "--scenario",
+        choices=("all", "shared", "loaded", "hetero"),
+        action="append",
+        help="which; repeat for several (all)",
+    )
+    p.add_argument(
+        "--strategies",
+        help="comma-separated lb strategies to run (every one); the peers run unless --no-peers",
     )
     p.add_argument("--no-peers", action="store_true", help="lb strategies only")
     p.add_argument(
         "--no-install-peers", action="store_true", help="skip peers not already installed"
     )
     p.add_argument("--peers-dir", type=Path, default=PEERS_DIR, help=f"peer venvs ({PEERS_DIR})")
-    p.add_argument("--quick", action="store_true", help="one short round (under 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="one short round (about 5 minutes)")
     p.add_argument("--output", type=Path, default=RESULTS_DIR, help="results directory")
     return p
 
@@ -347,23 +406,38 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit code 0 on success, 1 on a failure, 130 when interrupted."""
     args = _parser().parse_args(argv)
     shared = Phase(args.warmup, args.measure, args.drain)
+    loaded = Phase(args.loaded_warmup, args.loaded_measure, args.drain)
     hetero = Phase(args.hetero_warmup, args.hetero_measure, args.drain)
     rounds = args.rounds
     if args.quick:
         rounds = 1
         shared = replace(shared, warmup_s=2.5, measure_s=4.5, drain_s=5.0)
+        loaded = replace(loaded, warmup_s=2.5, measure_s=4.5, drain_s=5.0)
         hetero = replace(hetero, warmup_s=1.5, measure_s=3.0, drain_s=5.0)
-    if rounds < 1 or min(args.sessions_per_s, args.requests_per_s, args.slow_speed) <= 0:
-        _parser().error("--rounds and the rates and speed must be positive")
+    rates = (args.sessions_per_s, args.loaded_sessions_per_s, args.requests_per_s)
+    if rounds < 1 or min(*rates, args.slow_speed, args.loaded_zipf) <= 0:
+        _parser().error("--rounds, the rates, the speed and the exponent must be positive")
+    chosen = args.scenario or ["all"]
+    scenarios = SCENARIOS if "all" in chosen else tuple(s for s in SCENARIOS if s in chosen)
+    strategies = None
+    if args.strategies:
+        strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+        known = set(SHARED_STRATEGIES) | set(HETERO_STRATEGIES)
+        if not set(strategies) <= known:
+            _parser().error(f"--strategies: choose among {', '.join(sorted(known))}")
     settings = Settings(
         rounds=rounds,
         shared=shared,
+        loaded=loaded,
         hetero=hetero,
         sessions_per_s=args.sessions_per_s,
+        loaded_sessions_per_s=args.loaded_sessions_per_s,
+        loaded_zipf_s=args.loaded_zipf,
         requests_per_s=args.requests_per_s,
         slow_speed=args.slow_speed,
         seed=args.seed,
-        scenarios=("shared", "hetero") if args.scenario == "all" else (args.scenario,),
+        scenarios=scenarios,
+        strategies=strategies,
         peers=not args.no_peers,
         install_peers=not args.no_install_peers,
         peers_dir=args.peers_dir,

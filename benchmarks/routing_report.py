@@ -9,6 +9,7 @@ its rounds for percentiles and sums the replicas' counters, so rates are over th
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,15 @@ from benchmarks.routing_client import RequestResult
 from benchmarks.streams import percentile
 
 CHAT_PATH = "/v1/chat/completions"
-UNMATCHED = "<unmatched>"
+# Requests a router sends the replicas besides the chats it forwards, per request: paths the
+# simulator does not serve, and its tokenizer endpoints (vllm-router's cache_aware asks every
+# worker to render each chat into token ids before placing it).
+EXTRA_PATHS = (
+    "<unmatched>",
+    "/tokenize",
+    "/v1/chat/completions/render",
+    "/v1/completions/render",
+)
 DASH = "-"
 
 
@@ -98,7 +107,7 @@ def segment_row(
         "window_s": round(window_s, 3),
         "replicas": names,
         "replica_chats": chats,
-        "unmatched_requests": sum(_path_delta(b, a, UNMATCHED) for b, a in pairs),
+        "extra_requests": sum(_path_delta(b, a, path) for b, a in pairs for path in EXTRA_PATHS),
         "hit_tokens": sum(_delta(b, a, "prefix_cache_hit_tokens") for b, a in pairs),
         "query_tokens": sum(_delta(b, a, "prefix_cache_query_tokens") for b, a in pairs),
         "generated_tokens": sum(_delta(b, a, "generation_tokens_total") for b, a in pairs),
@@ -122,7 +131,7 @@ def _derived(row: dict[str, Any]) -> dict[str, Any]:
     row["hit_rate"] = _ratio(row["hit_tokens"], row["query_tokens"])
     row["tokens_per_s"] = round(row["generated_tokens"] / row["window_s"], 1)
     row["replica_shares"] = [round(c / total, 3) if total else 0.0 for c in chats]
-    row["extra_requests_per_chat"] = _ratio(row["unmatched_requests"], total, 2)
+    row["extra_requests_per_chat"] = _ratio(row["extra_requests"], total, 2)
     return row
 
 
@@ -130,7 +139,7 @@ def summarise(rows: list[dict[str, Any]], pooled: list[RequestResult]) -> dict[s
     """One target over all rounds: pooled requests, summed counters, worst queues and lag."""
     summary: dict[str, Any] = client_figures(pooled)
     summary["window_s"] = round(sum(r["window_s"] for r in rows), 3)
-    for key in ("unmatched_requests", "hit_tokens", "query_tokens", "generated_tokens"):
+    for key in ("extra_requests", "hit_tokens", "query_tokens", "generated_tokens"):
         summary[key] = sum(r[key] for r in rows)
     summary["replicas"] = rows[0]["replicas"]
     summary["replica_chats"] = [
@@ -155,8 +164,8 @@ def summarise(rows: list[dict[str, Any]], pooled: list[RequestResult]) -> dict[s
 def intro(results: dict[str, Any]) -> list[str]:
     """The setup in a few sentences, for the top of the report."""
     st, wl = results["settings"], results["workload"]
-    k, sh, he = st["knobs"], wl["shared"], wl["hetero"]
-    p1, p2 = st["shared"], st["hetero"]
+    k, sh, lo, he = st["knobs"], wl["shared"], wl["loaded"], wl["hetero"]
+    p1, p2, p3 = st["shared"], st["loaded"], st["hetero"]
     return [
         f"Fleet: {st['replicas']} `backends.sim` processes (one per replica): prefill "
         f"{k['ttft_ms']:g} ms + {k['prefill_ms_per_token']:g} ms per uncached prompt token, "
@@ -174,12 +183,17 @@ def intro(results: dict[str, Any]) -> list[str]:
         f"characters, asks for {sh['max_tokens'][0]}-{sh['max_tokens'][1]} tokens, then "
         f"thinks ~{sh['think_mean_s']:g} s); warm-up {p1['warmup_s']:g} s, measured "
         f"{p1['measure_s']:g} s per segment.",
-        f"2. Heterogeneous fleet: {results.get('slow_replica', 'the last replica')} at speed "
+        f"2. Shared prefixes under load: the same tenants, sessions at "
+        f"{lo['sessions_per_s']:g}/s and Zipf s={lo['zipf_s']:g} (the most popular tenant "
+        f"has {zipf_top_share(lo['tenants'], lo['zipf_s']):.0%} of the sessions), so the hot "
+        f"tenants' replica saturates under strict affinity; warm-up {p2['warmup_s']:g} s, "
+        f"measured {p2['measure_s']:g} s per segment.",
+        f"3. Heterogeneous fleet: {results.get('slow_replica', 'the last replica')} at speed "
         f"{st['slow_speed']:g}; single-turn chats with unique prompts of "
         f"{he['prompt_chars'][0]:,}-{he['prompt_chars'][1]:,} characters and "
         f"{he['max_tokens'][0]}-{he['max_tokens'][1]} output tokens, Poisson at "
-        f"{he['requests_per_s']:g}/s; warm-up {p2['warmup_s']:g} s, measured "
-        f"{p2['measure_s']:g} s per segment.",
+        f"{he['requests_per_s']:g}/s; warm-up {p3['warmup_s']:g} s, measured "
+        f"{p3['measure_s']:g} s per segment.",
     ]
 
 
@@ -225,9 +239,14 @@ def _machine(results: dict[str, Any]) -> list[str]:
     return _table(["", ""], rows)
 
 
-def _shared(results: dict[str, Any]) -> list[str]:
+def zipf_top_share(tenants: int, s: float) -> float:
+    """The most popular tenant's share of sessions under Zipf exponent ``s``."""
+    return 1.0 / sum(math.pow(rank, -s) for rank in range(1, tenants + 1))
+
+
+def _shared(results: dict[str, Any], scenario: str, title: str) -> list[str]:
     rows = []
-    for name, target in results["shared"].items():
+    for name, target in results[scenario].items():
         s = target["summary"]
         rows.append(
             [
@@ -243,6 +262,7 @@ def _shared(results: dict[str, Any]) -> list[str]:
                 _pct(s["hit_rate"]),
                 _shares(s),
                 " / ".join(str(w) for w in s["max_waiting"]),
+                " / ".join(f"{w:.1f}" for w in s["mean_waiting"]),
                 _pct(s["sticky_turns"]),
                 _num(s["replicas_per_tenant"], 2),
             ]
@@ -250,10 +270,10 @@ def _shared(results: dict[str, Any]) -> list[str]:
     header = [
         "target", "requests", "errors", "TTFT mean ms", "TTFT p50 ms", "TTFT p90 ms",
         "TTFT p99 ms", "latency p50 ms", "fleet output tok/s", "prefix-cache hit rate",
-        "requests per replica", "max queue per replica", "turns on previous turn's replica",
-        "replicas per tenant",
+        "requests per replica", "max queue per replica", "mean queue per replica",
+        "turns on previous turn's replica", "replicas per tenant",
     ]  # fmt: skip
-    return ["## 1. Shared prefixes", "", *_table(header, rows), ""]
+    return [f"## {title}", "", *_table(header, rows), ""]
 
 
 def _hetero(results: dict[str, Any]) -> list[str]:
@@ -281,12 +301,12 @@ def _hetero(results: dict[str, Any]) -> list[str]:
         "TTFT p99 ms", "share to slow replica", "requests per replica",
         "max queue per replica",
     ]  # fmt: skip
-    return ["## 2. Heterogeneous fleet", "", *_table(header, rows), ""]
+    return ["## 3. Heterogeneous fleet", "", *_table(header, rows), ""]
 
 
 def _rounds(results: dict[str, Any]) -> list[str]:
     rows = []
-    for scenario in ("shared", "hetero"):
+    for scenario in ("shared", "loaded", "hetero"):
         for name, target in results.get(scenario, {}).items():
             for r in target["rounds"]:
                 rows.append(
@@ -345,7 +365,9 @@ def render(results: dict[str, Any], intro: list[str]) -> str:
         "",
     ]
     if "shared" in results:
-        lines += _shared(results)
+        lines += _shared(results, "shared", "1. Shared prefixes")
+    if "loaded" in results:
+        lines += _shared(results, "loaded", "2. Shared prefixes under load")
     if "hetero" in results:
         lines += _hetero(results)
     lines += _rounds(results) + _notes(results)

@@ -138,16 +138,27 @@ class Target:
     admin_port: int | None = None  # lb only
 
 
-def lb_pool(strategy: str, urls: list[str]) -> dict[str, Any]:
-    """The pool of the lb serving ``strategy``: library defaults, plus what the strategy needs."""
+# lb targets that run a strategy with options, by target name: (strategy, strategy_options).
+LB_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "least_loaded+prefix": ("least_loaded", {"prefix_weight": 1.0}),
+}
+
+
+def lb_pool(label: str, urls: list[str]) -> dict[str, Any]:
+    """The pool of the lb target ``label`` (a strategy, or a name in :data:`LB_VARIANTS`):
+    library defaults, plus what the strategy needs."""
+    strategy, options = LB_VARIANTS.get(label, (label, {}))
     pool: dict[str, Any] = {
         "name": "fleet",
         "strategy": strategy,
         "backends": [{"url": url} for url in urls],
     }
     if strategy == "consistent_hash":
-        pool["strategy_options"] = {"key": "prompt", "prefix_tokens": 256}
-    if strategy == "least_loaded":
+        options = {"key": "prompt", "prefix_tokens": 256, **options}
+    if options:
+        pool["strategy_options"] = options
+    if strategy in ("least_loaded", "cache_aware"):
+        # Both read the replicas' own queues (cache_aware to spread a saturated prefix).
         pool["load_report"] = {"enabled": True}
     return pool
 
@@ -201,8 +212,8 @@ PEERS = (
     PeerSpec("sglang-router", "sglang-router", "cache_aware"),
     PeerSpec("vllm-router", "vllm-router", "cache_aware"),
 )
-# What each peer asks of the workers that the simulator does not serve, as seen with a stub
-# worker logging every request (sglang-router 0.3.2, vllm-router 0.1.17).
+# What each peer asks of the workers, as seen with a stub worker logging every request
+# (sglang-router 0.3.2, vllm-router 0.1.17).
 PEER_NEEDS = {
     "sglang-router": (
         "starts and routes. At registration it probes GET /health, tries HTTP/2 (gRPC "
@@ -211,14 +222,14 @@ PEER_NEEDS = {
         "cache_aware matches on the request text, so it needs nothing more."
     ),
     "vllm-router": (
-        "starts and routes, but its cache_aware needs token ids from the workers: for every "
-        "chat it sends POST /v1/chat/completions/render and then POST /tokenize to every "
-        "worker (the sims answer 404: 'Prefix input preparation unavailable "
-        "reason=render_unavailable' at debug level), and without them it picks workers "
-        "without prefix matching. With a stub answering vLLM's /tokenize "
-        "({'count', 'max_model_len', 'tokens': [ids]} for {'model', 'messages', ...}) its "
-        "prefix matching works. Its forwarded bodies gain logprobs, no_stop_trim, ignore_eos "
-        "and continue_final_message fields, which the sims ignore."
+        "starts and routes. Its cache_aware matches token ids, which it asks the workers for: "
+        "for every chat it sends POST /v1/chat/completions/render to every worker and reads "
+        "the token_ids of the answer (vLLM's GenerateRequest), falling back to POST /tokenize "
+        "({'count', 'max_model_len', 'tokens'}) when render fails, and to no prefix matching "
+        "at all when both do ('Prefix input preparation unavailable' at debug level). The "
+        "sims serve both with their own token ids, so its prefix matching runs; those "
+        "requests are the 'extra upstream req/chat'. Its forwarded bodies gain logprobs, "
+        "no_stop_trim, ignore_eos and continue_final_message fields, which the sims ignore."
     ),
 }
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")

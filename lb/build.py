@@ -66,7 +66,7 @@ def build_pools(
             backends.append(backend)
         try:
             options = dict(pc.strategy_options)
-            if pc.strategy == "least_loaded":
+            if pc.strategy in ("least_loaded", "cache_aware"):
                 options.setdefault("max_age_s", pc.load_report.max_age_s)
             strategy = build_strategy(pc.strategy, backends, options=options)
         except ValueError as exc:

@@ -308,9 +308,13 @@ class Proxy:
     ) -> Backend:
         """Ask the pool's strategy; record why when decisions are reported."""
         strategy = pool.strategy
-        backend = candidates[0] if len(candidates) == 1 else strategy.pick(candidates, info)
+        # One candidate needs no choice, but a strategy that learns from the requests it
+        # places (a prefix tree) is still told about it.
+        only = len(candidates) == 1 and not strategy.needs_body
+        backend = candidates[0] if only else strategy.pick(candidates, info)
         if self.settings.decision_header is not None:
-            reason = f"{strategy.name}: {strategy.explain(backend, info)}"
+            why = "only candidate" if only else strategy.explain(backend, info)
+            reason = f"{strategy.name}: {why}"
             req.decision = reason
             pool.stats.decisions.append(
                 Decision(time.time(), req.request_id or b"", backend.name, reason)

@@ -20,6 +20,18 @@ For each request, over the candidates, with ``load = in_flight``:
    no cache can help is placed by load alone, so a slow replica does not take a full share
    of new work just because its tree is small (sglang goes by tree size first).
 
+Rule 2 with the model servers' own reports (``load_report`` enabled on the pool): when the
+holder chosen by rule 2 reports a queue (``reported_waiting > 0`` in a report at most
+``max_age_s``, default 1 s, old) while other candidates report none, the holder's batch is
+full and a request sent there waits for a slot; the request goes instead to the least loaded
+of the candidates reporting no queue, then the smallest tree, as rule 3 ("holder queueing:
+least loaded"). That candidate becomes a second holder of the prefix, so a hot prefix spreads
+as its replicas saturate, long before the in-flight gap reaches the absolute threshold (32
+requests by default: two whole batches of a server running 16 at once). This follows the
+Gateway API Inference Extension's endpoint picker, whose queue scorer competes with its
+prefix-cache scorer. A stale or missing report is neither queueing nor free, so without
+reports the rules are exactly sglang's.
+
 Ties are broken by the lower ``in_flight``, then uniformly at random. The prompt is then
 recorded under the chosen backend, whichever rule chose it, as sglang does. Weights are not
 used (nor are they by sglang); a request with no prompt goes to the least loaded.
@@ -31,6 +43,12 @@ characters held summed over backends, plus 64 per (node, backend) entry (see
 ``prefix_tree``). Whenever an insert takes it over, least recently used leaves are evicted
 until it is within the budget again; that costs O(1) per entry evicted, no walk over the tree,
 so it is amortised into the inserts and never stalls a pick.
+
+Large pools. Above 16 candidates the load scan would cost ~100 ns per candidate; a pick then
+considers only the backends holding the longest prefixes of the prompt (at most 16) and two
+candidates drawn at random (see :mod:`lb.strategies.affinity`), and applies the three rules
+among those: prefix holders are always considered, the imbalance test and the least-loaded
+choices compare the few. Up to 16 candidates nothing changes.
 
 Cost per request: O(n) over the candidates for the load scan, plus two walks down the tree
 (match, then insert), each O(len(prompt)) character comparisons done in C plus O(backends) per
@@ -55,7 +73,8 @@ Differences from sglang: the match ratio is compared with ``>=`` (sglang: ``>``)
 is one global figure with a per-entry charge, enforced on insert (sglang: characters per
 backend, enforced by a timer thread walking the whole tree); ties on match length and tree size
 go to the lower in-flight count, then random (sglang takes the first backend it finds); the
-truncation to ``max_prompt_chars`` is ours.
+truncation to ``max_prompt_chars`` is ours, and so are the queue rule and the sampling in
+large pools.
 """
 
 from __future__ import annotations
@@ -67,6 +86,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from lb.backend import Backend
+from lb.strategies.affinity import (
+    FULL_SCAN_MAX_CANDIDATES,
+    MAX_HOLDERS,
+    Membership,
+    considered,
+    two_at_random,
+)
 from lb.strategies.base import Clock, RequestInfo, Strategy
 from lb.strategies.prefix_tree import PrefixTree
 
@@ -91,7 +117,8 @@ class CacheAware(Strategy):
 
     Options (defaults): ``balance_abs_threshold`` (32, an integer >= 0), ``balance_rel_threshold``
     (1.1, >= 1), ``cache_threshold`` (0.5, in [0, 1]), ``max_tree_chars`` (2,000,000),
-    ``max_prompt_chars`` (8192, at most ``max_tree_chars``); a bad value raises ``ValueError``.
+    ``max_prompt_chars`` (8192, at most ``max_tree_chars``), ``max_age_s`` (1.0, > 0: how old a
+    load report may be and still count); a bad value raises ``ValueError``.
     Reads the request's ``prompt`` (``needs_body`` is True). ``self.rng`` breaks ties.
     """
 
@@ -103,6 +130,7 @@ class CacheAware(Strategy):
             "cache_threshold",
             "max_tree_chars",
             "max_prompt_chars",
+            "max_age_s",
         }
     )
     needs_body = True
@@ -132,6 +160,9 @@ class CacheAware(Strategy):
         self.max_prompt_chars = int(
             _number("max_prompt_chars", opts.get("max_prompt_chars", 8192), integer=True)
         )
+        self.max_age_s = _number("max_age_s", opts.get("max_age_s", 1.0), integer=False)
+        if not self.max_age_s > 0:
+            raise ValueError("option 'max_age_s' for strategy 'cache_aware' must be > 0")
         if self.balance_abs_threshold < 0:
             raise ValueError(
                 "option 'balance_abs_threshold' for strategy 'cache_aware' must be >= 0"
@@ -152,14 +183,26 @@ class CacheAware(Strategy):
                 f"max_prompt_chars ({self.max_prompt_chars})"
             )
         self.tree: PrefixTree[Backend] = PrefixTree()
+        self._members = Membership()
         self._reason = ""
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         prompt = request.prompt
+        large = len(candidates) > FULL_SCAN_MAX_CANDIDATES
         if not prompt:
             self._reason = "no prompt: least loaded"
-            return self._least_loaded(candidates)
+            return self._least_loaded(two_at_random(self.rng, candidates) if large else candidates)
         prompt = prompt[: self.max_prompt_chars]
+
+        matched = 0
+        holders: list[Backend] = []
+        if large:
+            # A bounded set: the longest holders (deepest first) and two at random.
+            found = self.tree.match_each(prompt, self._members.of(candidates), MAX_HOLDERS)
+            if found:
+                matched = next(iter(found.values()))
+                holders = [b for b, depth in found.items() if depth == matched]
+            candidates = considered(self.rng, candidates, list(found))
 
         # One pass for the imbalance test: min and max in_flight over the candidates.
         min_load = max_load = candidates[0].in_flight
@@ -176,12 +219,18 @@ class CacheAware(Strategy):
             chosen = self._least_loaded(candidates)
             self._reason = "imbalanced: least loaded"
         else:
-            allowed = candidates if len(candidates) <= 4 else frozenset(candidates)
-            matched, holders = self.tree.match(prompt, allowed)
+            if not large:
+                allowed = candidates if len(candidates) <= 4 else self._members.of(candidates)
+                matched, holders = self.tree.match(prompt, allowed)
             share = matched / len(prompt)
             if holders and share >= self.cache_threshold:
                 chosen = self._least_loaded(holders)
                 self._reason = f"prefix match {int(share * 100)}%"
+                if self._queueing(chosen):
+                    free = self._not_queueing(candidates)
+                    if free:
+                        chosen = self._least_loaded_then_smallest_tree(free)
+                        self._reason = "holder queueing: least loaded"
             else:
                 chosen = self._least_loaded_then_smallest_tree(candidates)
                 self._reason = "no match: least loaded"
@@ -191,6 +240,23 @@ class CacheAware(Strategy):
         if tree.charged_chars > self.max_tree_chars:
             tree.evict(self.max_tree_chars)
         return chosen
+
+    def _queueing(self, backend: Backend) -> bool:
+        """True if ``backend``'s fresh load report shows requests waiting for a batch slot."""
+        waiting = backend.reported_waiting
+        return (
+            waiting is not None
+            and waiting > 0
+            and self.clock() - backend.reported_at_s <= self.max_age_s
+        )
+
+    def _not_queueing(self, candidates: Sequence[Backend]) -> list[Backend]:
+        """The candidates whose fresh load report shows an empty queue."""
+        now = self.clock()
+        max_age_s = self.max_age_s
+        return [
+            b for b in candidates if b.reported_waiting == 0 and now - b.reported_at_s <= max_age_s
+        ]
 
     def explain(self, backend: Backend, request: RequestInfo) -> str:
         """The rule that chose the last pick: a match share, the imbalance, or no match."""

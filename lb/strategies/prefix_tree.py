@@ -116,6 +116,44 @@ class PrefixTree(Generic[T]):
             node = child
         return best_len, best
 
+    def match_each(
+        self, text: str, allowed: Container[T], limit: int | None = None
+    ) -> dict[T, int]:
+        """Return, for tenants in ``allowed``, the length of ``text``'s prefix each one holds.
+
+        Tenants holding no prefix at all are left out. The longest matches come first (a
+        dict keeps insertion order); with ``limit``, only the ``limit`` longest are kept, and
+        the walk stops as soon as it has them. Recency is not changed.
+
+        Cost: one walk down the text, O(len(text)) comparisons in C, then a walk back up the
+        path over the nodes' tenants, deepest first, stopping at ``limit``: deep nodes hold
+        few tenants (the invariant), so a shallow node shared by a large pool is read only
+        while fewer than ``limit`` tenants were found below it.
+        """
+        path: list[tuple[Node[T], int]] = []
+        node = self.root
+        i = 0
+        n = len(text)
+        while i < n:
+            child = node.children.get(text[i])
+            if child is None:
+                break
+            label = child.text
+            k = len(label) if text.startswith(label, i) else common_prefix_len(label, text, i)
+            i += k
+            path.append((child, i))
+            if k < len(label):
+                break
+            node = child
+        found: dict[T, int] = {}
+        for child, depth in reversed(path):
+            for tenant in child.tenants:
+                if tenant not in found and tenant in allowed:
+                    found[tenant] = depth
+                    if limit is not None and len(found) >= limit:
+                        return found
+        return found
+
     def insert(self, text: str, tenant: T) -> None:
         """Record that ``text`` was sent to ``tenant``, as its most recent use."""
         path: list[Node[T]] = []
