@@ -89,9 +89,7 @@ def test_a_prefix_outweighs_a_little_more_load() -> None:
     holder.in_flight = 6
     idle.in_flight = 2
     assert strategy.pick(backends, question(rng)) is holder
-    assert strategy.explain(holder, chat(None)).startswith(
-        "queue 0, kv 0.50, prefix 9"
-    )
+    assert strategy.explain(holder, chat(None)).startswith("queue 0, kv 0.50, prefix 9")
 
 
 def test_a_prefix_held_by_a_queueing_backend_loses_to_an_idle_one() -> None:
