@@ -91,6 +91,8 @@ class Backend:
     reported_kv_usage: float | None = None  # KV-cache usage, 0..1
     reported_at_s: float = 0.0
 
+    _authority: bytes | None = field(default=None, repr=False)  # cached by authority
+
     # The totals of the pool this backend belongs to (None for a backend in no pool).
     pool_load: PoolLoad | None = None
 
@@ -129,6 +131,15 @@ class Backend:
 
     def __post_init__(self) -> None:
         self.effective_weight = float(self.weight)
+
+    @property
+    def authority(self) -> bytes:
+        """``host:port`` as sent in a ``Host`` header, IPv6 literals in brackets."""
+        authority = self._authority
+        if authority is None:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            authority = self._authority = f"{host}:{self.port}".encode()
+        return authority
 
     @property
     def origin(self) -> str:

@@ -184,7 +184,10 @@ class ClientConnection(asyncio.Protocol):
         if self._headers_done:
             req.body.trailers.append((name, value))
             return
-        self._count_header_bytes(len(name) + len(value) + 4)
+        self._header_bytes += len(name) + len(value) + 4  # _count_header_bytes, inline
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._callback_error = self._header_limit_error()
+            raise self._callback_error
         req.headers.append((name, value))
 
     def _count_header_bytes(self, n: int) -> None:

@@ -395,7 +395,7 @@ class Proxy:
             req.url,
             req.headers,
             host=req.host,
-            default_host=b"%s:%d" % (backend.host.encode(), backend.port),
+            default_host=backend.authority,
             client_ip=client.peer_ip,
             request_id=req.request_id,
             content_length=req.content_length,
