@@ -28,6 +28,7 @@ class Exchange:
     """Relays one response from ``conn`` to ``client`` for ``req``."""
 
     __slots__ = (
+        "_awaiting_token",
         "_chunked",
         "_discard",
         "_ended",
@@ -86,6 +87,7 @@ class Exchange:
         self._inference = inference
         self._meter: ResponseMeter | None = None
         self._tunnel = False  # a WebSocket tunnel: bytes relayed both ways until one side ends
+        self._awaiting_token = False  # a stream whose first token is still to come
 
     def start(self, head: bytes) -> None:
         """Write the request head and the body held so far; stream the rest as it comes."""
@@ -115,7 +117,14 @@ class Exchange:
     ) -> None:
         self.conn.deadline.set(None)
         self.status = status
-        self.attempt.response_started(status)
+        # A token stream's latency is its time to first token: the server sends its headers
+        # before queueing and prefill (lb.load).
+        self._awaiting_token = stream = (
+            self._inference is not None
+            and 200 <= status < 300
+            and b"event-stream" in self.conn.content_type.lower()
+        )
+        self.attempt.response_started(status, deferred=stream)
         self._headers = headers
         if status in self._retry_statuses:
             # The client never sees this answer: its body is read and dropped, and the
@@ -209,8 +218,12 @@ class Exchange:
     def on_response_body(self, data: bytes) -> None:
         if not self._discard:
             self._out.append(chunk(data) if self._chunked else data)
-            if self._meter is not None:
-                self._meter.on_body(data)
+            meter = self._meter
+            if meter is not None:
+                meter.on_body(data)
+                if self._awaiting_token and meter.events:
+                    self._awaiting_token = False
+                    self.attempt.first_token()
 
     def on_response_end(self, trailers: Headers) -> None:
         self._ended = True

@@ -88,6 +88,11 @@ class ResponseMeter:
         if sse:
             stats.streams += 1
 
+    @property
+    def events(self) -> int:
+        """Token chunks seen so far (SSE events with content)."""
+        return self._events
+
     def on_body(self, data: bytes) -> None:
         self._tail = (self._tail + data)[-TAIL_BYTES:]
         if not self.sse:

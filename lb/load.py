@@ -6,10 +6,13 @@ is created and gives it back exactly once, in :meth:`Attempt.finish`, whichever 
 attempt (success, error, timeout, cancellation, client gone): ``finish`` is idempotent and the
 context-manager exit calls it, so an error path cannot skip it.
 
-Latency is a peak-EWMA of the time to response headers (tower's ``load::peak_ewma``, after
-Finagle's ``PeakEwma``): a sample above the estimate replaces it at once, a sample below it is
-blended in with weight ``1 - exp(-elapsed / decay_s)``. The estimate it is blended with is the
-current one as :meth:`lb.backend.Backend.rtt_at` gives it, already relaxed towards the default
+Latency is a peak-EWMA of the time to the response (tower's ``load::peak_ewma``, after Finagle's
+``PeakEwma``): to its headers, or for a token stream to its first token, since a model server
+sends a stream's headers at once, before queueing and prefill have been paid
+(:meth:`Attempt.response_started` with ``deferred``, then :meth:`Attempt.first_token`). A sample
+above the estimate replaces it at once, a sample below it is blended in with weight ``1 -
+exp(-elapsed / decay_s)``. The estimate it is blended with is the current one as
+:meth:`lb.backend.Backend.rtt_at` gives it, already relaxed towards the default
 guess during the time without samples, so an idle backend's old estimate weighs less. A failed
 attempt is recorded as a slow one (at least twice the current estimate), so a backend that
 fails fast (an immediate 503 or 429, a refused connection) looks loaded rather than fast to
@@ -60,7 +63,7 @@ class Attempt:
     headers arrive (records the latency sample) and :meth:`finish` when the attempt ends.
     """
 
-    __slots__ = ("_clock", "_decay_s", "_done", "_started_s", "_status", "backend")
+    __slots__ = ("_clock", "_decay_s", "_deferred", "_done", "_started_s", "_status", "backend")
 
     def __init__(
         self, backend: Backend, clock: Clock = time.monotonic, decay_s: float = DEFAULT_DECAY_S
@@ -71,6 +74,7 @@ class Attempt:
         self._started_s = clock()
         self._status: int | None = None
         self._done = False
+        self._deferred = False  # the latency sample waits for the first token
         backend.in_flight += 1
         backend.requests_total += 1
         pool_load = backend.pool_load
@@ -84,13 +88,25 @@ class Attempt:
     def done(self) -> bool:
         return self._done
 
-    def response_started(self, status: int) -> None:
-        """Record the response status and the time it took to arrive."""
+    def response_started(self, status: int, *, deferred: bool = False) -> None:
+        """Record the response status and the time it took to arrive; with ``deferred`` (a
+        token stream) the latency sample is taken at :meth:`first_token` instead (or, if no
+        token comes, when a successful attempt finishes)."""
         self._status = status
         if is_failure_status(status):
             return  # recorded as a failure sample in finish()
+        if deferred:
+            self._deferred = True
+            return
         now = self._clock()
         record_rtt(self.backend, now - self._started_s, now, self._decay_s)
+
+    def first_token(self) -> None:
+        """The stream's first token arrived: take the deferred latency sample now."""
+        if self._deferred and not self._done:
+            self._deferred = False
+            now = self._clock()
+            record_rtt(self.backend, now - self._started_s, now, self._decay_s)
 
     def finish(self, *, failed: bool = False, abandoned: bool = False) -> None:
         """Release the in-flight slot and count the outcome; only the first call counts.
@@ -127,6 +143,10 @@ class Attempt:
             record_rtt(backend, penalty, now, self._decay_s)
         else:
             backend.consecutive_failures = 0
+            if self._deferred:  # a stream that ended without a token: its whole time
+                self._deferred = False
+                now = self._clock()
+                record_rtt(backend, now - self._started_s, now, self._decay_s)
             if backend.failure_score:
                 now = self._clock()
                 backend.failure_score = backend.failure_score_at(now, self._decay_s) / 2.0

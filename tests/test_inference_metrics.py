@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.sim import SimServer, start_sim
@@ -267,3 +268,50 @@ async def test_a_long_chat_naming_its_model_after_the_messages_is_counted_under_
         assert resp.status == 200
         await resp.read()
     assert model_labels(await scrape(app), "chat") == {"tail-llama": 1}
+
+
+async def test_a_streams_latency_estimate_is_its_time_to_first_token(start_proxy):
+    """A server that sends a stream's headers at once and its first token 0.3 s later is
+    estimated at about 0.3 s by latency_weighted's estimate: neither the instant headers nor
+    the whole 1 s stream."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(0.3)
+        for i in range(8):
+            chunk = {"choices": [{"index": 0, "delta": {"content": f"t{i}"}}]}
+            await resp.write(b"data: %s\n\n" % json.dumps(chunk).encode())
+            await asyncio.sleep(0.1)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        config = proxy_config(
+            [
+                {
+                    "name": "chat",
+                    "strategy": "latency_weighted",
+                    "backends": [{"url": f"http://127.0.0.1:{port}", "name": "slow-first"}],
+                    "health_check": {"enabled": False},
+                }
+            ]
+        )
+        lb = await start_proxy(config)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url(lb, "/v1/chat/completions"), json={"stream": True}) as r,
+        ):
+            assert r.status == 200
+            assert (await r.read()).endswith(b"data: [DONE]\n\n")
+        backend = lb.proxy.pools["chat"].backends[0]
+        assert 0.25 <= backend.rtt_estimate_s < 0.8
+    finally:
+        await runner.cleanup()

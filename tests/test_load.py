@@ -291,3 +291,47 @@ def test_estimate_is_capped() -> None:
     backend = make_backend()
     record_rtt(backend, 10 * MAX_RTT_S, now_s=100.0, decay_s=DECAY_S)
     assert backend.rtt_estimate_s == MAX_RTT_S
+
+
+def test_a_streams_latency_sample_is_its_time_to_first_token() -> None:
+    """A token stream's headers come at once; its latency is taken at the first token."""
+    clock = FakeClock()
+    backend = make_backend()
+    backend.rtt_estimate_s = 0.01
+    backend.rtt_stamp_s = clock()
+    a = attempt(backend, clock)
+    clock.advance(0.002)
+    a.response_started(200, deferred=True)
+    assert backend.rtt_estimate_s == pytest.approx(0.01)  # nothing taken at the headers
+    clock.advance(0.498)
+    a.first_token()
+    assert backend.rtt_estimate_s == pytest.approx(0.5)  # the peak is taken at once
+    clock.advance(2.0)
+    a.first_token()  # only the first counts
+    a.finish()
+    assert backend.rtt_estimate_s == pytest.approx(0.5)
+
+
+def test_a_stream_that_ends_without_a_token_is_sampled_at_its_end() -> None:
+    clock = FakeClock()
+    backend = make_backend()
+    backend.rtt_estimate_s = 0.01
+    backend.rtt_stamp_s = clock()
+    a = attempt(backend, clock)
+    a.response_started(200, deferred=True)
+    clock.advance(0.3)
+    a.finish()
+    assert backend.rtt_estimate_s == pytest.approx(0.3)
+
+
+def test_a_stream_the_client_abandons_before_its_first_token_is_not_sampled() -> None:
+    clock = FakeClock()
+    backend = make_backend()
+    backend.rtt_estimate_s = 0.01
+    backend.rtt_stamp_s = clock()
+    a = attempt(backend, clock)
+    a.response_started(200, deferred=True)
+    clock.advance(5.0)
+    a.finish(abandoned=True)
+    a.first_token()  # too late: the attempt is over
+    assert backend.rtt_estimate_s == pytest.approx(0.01)

@@ -5,7 +5,10 @@ Cost of a backend at time ``now``:
     cost = rtt_at(now) * (in_flight + 1) / weight
 
 ``rtt_at`` is the backend's peak-EWMA latency estimate (:meth:`lb.backend.Backend.rtt_at`,
-written by :class:`lb.load.Attempt`): a sample above the estimate replaces it at once, a sample
+written by :class:`lb.load.Attempt`), of the time to response headers or, for a token stream,
+to its first token (a model server sends a stream's headers before it queues and prefills the
+request, so only the first token shows a slow or busy replica): a sample above the estimate
+replaces it at once, a sample
 below it is blended in with weight ``1 - exp(-elapsed / decay_s)``, and between samples it
 relaxes towards ``DEFAULT_RTT_S``, so a backend that was once slow is tried again after a while.
 Failed attempts are recorded there as *slow* samples (at least twice the estimate and at least
