@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from benchmarks.peers_configs import MODEL
 from benchmarks.peers_targets import ProcTable, Target, proc_table, tree_cpu_s
 from benchmarks.processes import HOST, BenchError, Service
 from benchmarks.report import aggregate
-from benchmarks.streams import StreamClient, StreamSamples, summarise
+from benchmarks.streams import StreamSamples, run_wave_of, summarise
 from benchmarks.wrk import BODY, PATH, run_wrk, wrk_argv
 
 Progress = Callable[[str], None]
@@ -73,42 +72,9 @@ async def run_chat_wave(
     ``[DONE]`` (a proxy may split the last chunk in two); one that ends otherwise, fails, or
     outlives ``timeout_s`` is counted in ``errors``, its timings that did arrive kept.
     """
-    loop = asyncio.get_running_loop()
-    request = chat_stream_request(port)
-
-    async def connect() -> StreamClient | str:
-        done: asyncio.Future[None] = loop.create_future()
-        try:
-            _, client = await loop.create_connection(lambda: StreamClient(done), HOST, port)
-        except OSError as exc:
-            return f"connect: {exc.strerror or type(exc).__name__}"
-        return client
-
-    opened = await asyncio.gather(*(connect() for _ in range(concurrency)))
-    clients = [c for c in opened if isinstance(c, StreamClient)]
-    samples = StreamSamples(streams=concurrency)
-    samples.errors.update(c for c in opened if isinstance(c, str))
-    for client in clients:
-        client.send(request)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await asyncio.gather(*(client.done for client in clients))
-    except TimeoutError:
-        pass
-    for client in clients:
-        client.close()
-        times = client.event_times
-        if not client.done.done():
-            samples.errors["timed out"] += 1
-        elif client.error is not None:
-            samples.errors[client.error] += 1
-        elif len(times) < chunks + 1:
-            samples.errors[f"{len(times)} events instead of {chunks + 1}"] += 1
-        samples.events += len(times)
-        if times:
-            samples.ttfb_s.append(times[0] - client.sent_at)
-            samples.gaps_s.extend(b - a for a, b in pairwise(times))
-    return samples
+    return await run_wave_of(
+        chat_stream_request(port), HOST, port, concurrency, chunks + 1, timeout_s, at_least=True
+    )
 
 
 async def run_chat_waves(port: int, waves: int, settings: Settings) -> StreamSamples:
