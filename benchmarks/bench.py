@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import uvloop
@@ -30,11 +28,12 @@ from benchmarks.processes import (
     CPU_LOAD,
     CPU_PROXY,
     HOST,
-    BenchError,
     Pinning,
     Service,
+    Stopped,
     detect_pinning,
     free_ports,
+    run_guarded,
     scrape_metrics,
     stop_all,
 )
@@ -312,10 +311,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally, which stops the children
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit code 0 on success, 1 on a failure, 130 when interrupted."""
     args = _parser().parse_args(argv)
@@ -332,19 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         chunks=args.chunks,
         interval_ms=args.interval_ms,
     )
-    # Ctrl-C and SIGTERM both unwind through the finally that stops the children; SIGINT is
-    # set explicitly because a shell starting us in the background may have ignored it.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     progress = Progress()
     try:
-        results = run(settings, progress)
-    except KeyboardInterrupt:
-        progress("interrupted; every process started was stopped")
-        return 130
-    except BenchError as exc:
-        progress(f"failed: {exc}")
-        return 1
+        results = run_guarded(lambda: run(settings, progress), progress)
+    except Stopped as stopped:
+        return stopped.code
     json_path, md_path, latest_path = write_results(results, args.output)
     progress(f"wrote {json_path}, {md_path} and {latest_path}")
     return 0

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from benchmarks.bench import Progress
@@ -45,8 +43,10 @@ from benchmarks.processes import (
     BenchError,
     Pinning,
     Service,
+    Stopped,
     detect_pinning,
     free_ports,
+    run_guarded,
     scrape_metrics,
     stop_all,
 )
@@ -253,10 +253,6 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally, which stops the children
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit code 0 on success, 1 on a failure, 130 when interrupted."""
     parser = _parser()
@@ -273,19 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         parser.error("no target left to run")
     settings = Settings(args.duration, args.rounds, args.connections)
-    # Ctrl-C and SIGTERM both unwind through the finally that stops the children; SIGINT is
-    # set explicitly because a shell starting us in the background may have ignored it.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     progress = Progress()
     try:
-        results = run(settings, names, progress)
-    except KeyboardInterrupt:
-        progress("interrupted; every process started was stopped")
-        return 130
-    except BenchError as exc:
-        progress(f"failed: {exc}")
-        return 1
+        results = run_guarded(lambda: run(settings, names, progress), progress)
+    except Stopped as stopped:
+        return stopped.code
     paths = list(write_results(results, args.output))
     try:
         paths += write_plots(results, args.output)

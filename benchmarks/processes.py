@@ -6,15 +6,19 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
+
+R = TypeVar("R")
 
 HOST = "127.0.0.1"
 CPU_LOAD = 0  # wrk, the backends and the stream client
@@ -183,3 +187,32 @@ def scrape_metrics(host: str, port: int) -> dict[str, Any]:
         "upstream_connections_opened": totals["upstream_connections_opened"],
         "client_disconnects": totals["client_disconnects"],
     }
+
+
+class Stopped(Exception):
+    """The run ended early; ``code`` is the process's exit code (1 failed, 130 interrupted)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally, which stops the children
+
+
+def run_guarded(work: Callable[[], R], progress: Callable[[str], object]) -> R:
+    """``work()``, with Ctrl-C and SIGTERM unwinding through its ``finally`` blocks (which stop
+    the processes it started); raises :class:`Stopped` with the exit code when it does not
+    finish, after saying why. SIGINT is set explicitly because a shell starting a benchmark in
+    the background may have ignored it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return work()
+    except KeyboardInterrupt:
+        progress("interrupted; every process started was stopped")
+        raise Stopped(130) from None
+    except BenchError as exc:
+        progress(f"failed: {exc}")
+        raise Stopped(1) from None

@@ -23,21 +23,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import aiohttp
 import uvloop
 
 from benchmarks.machine import describe, host_label
-from benchmarks.processes import HOST, BenchError, Service, scrape_metrics, stop_all
+from benchmarks.processes import (
+    HOST,
+    BenchError,
+    Service,
+    Stopped,
+    run_guarded,
+    scrape_metrics,
+    stop_all,
+)
 from benchmarks.routing_client import LoopLag, RequestResult, run_script
 from benchmarks.routing_report import intro, segment_row, summarise, write_results
 from benchmarks.routing_targets import (
@@ -398,10 +404,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally, which stops the children
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit code 0 on success, 1 on a failure, 130 when interrupted."""
     args = _parser().parse_args(argv)
@@ -443,17 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         peers_dir=args.peers_dir,
         knobs=SimKnobs(cache_capacity_blocks=args.cache_blocks),
     )
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     progress = Progress()
     try:
-        results = run(settings, progress)
-    except KeyboardInterrupt:
-        progress("interrupted; every process started was stopped")
-        return 130
-    except BenchError as exc:
-        progress(f"failed: {exc}")
-        return 1
+        results = run_guarded(lambda: run(settings, progress), progress)
+    except Stopped as stopped:
+        return stopped.code
     paths = write_results(results, args.output, intro(results))
     progress("wrote " + ", ".join(str(p) for p in paths))
     return 0

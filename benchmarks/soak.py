@@ -33,7 +33,6 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import uvloop
@@ -41,7 +40,16 @@ import yaml
 
 from benchmarks.bench import Progress, proxy_log
 from benchmarks.machine import describe, host_label
-from benchmarks.processes import HOST, BenchError, Service, free_ports, scrape_metrics, stop_all
+from benchmarks.processes import (
+    HOST,
+    BenchError,
+    Service,
+    Stopped,
+    free_ports,
+    run_guarded,
+    scrape_metrics,
+    stop_all,
+)
 from benchmarks.soak_client import (
     IdleStream,
     LoadCounts,
@@ -328,10 +336,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally, which stops the children
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the soak; exit code 0 on success, 1 on a failure, 130 when interrupted."""
     parser = _parser()
@@ -353,17 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         churn_every_s=args.churn_every_s,
         tracemalloc=args.tracemalloc,
     )
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     progress = Progress()
     try:
-        results = run(settings, progress)
-    except KeyboardInterrupt:
-        progress("interrupted; every process started was stopped")
-        return 130
-    except BenchError as exc:
-        progress(f"failed: {exc}")
-        return 1
+        results = run_guarded(lambda: run(settings, progress), progress)
+    except Stopped as stopped:
+        return stopped.code
     paths = write_results(results, args.output)
     progress(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
