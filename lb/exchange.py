@@ -122,7 +122,7 @@ class Exchange:
         self._awaiting_token = stream = (
             self._inference is not None
             and 200 <= status < 300
-            and b"event-stream" in self.conn.content_type.lower()
+            and b"event-stream" in self.conn.content_type
         )
         self.attempt.response_started(status, deferred=stream)
         self._headers = headers
@@ -208,7 +208,6 @@ class Exchange:
 
     def _meter_for(self, content_type: bytes) -> ResponseMeter | None:
         assert self._inference is not None
-        content_type = content_type.lower()
         if b"event-stream" in content_type:
             return ResponseMeter(self._inference, self.req.started_s, sse=True)
         if b"json" in content_type:
@@ -248,7 +247,7 @@ class Exchange:
         )
 
     def _is_event_stream(self) -> bool:
-        return self.conn.content_type.lower().startswith(b"text/event-stream")
+        return self.conn.content_type.startswith(b"text/event-stream")
 
     def _end_stream_with_error(self, error: ProxyError) -> None:
         """A started SSE response that breaks gets an ``error`` event before the cut."""

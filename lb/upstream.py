@@ -101,7 +101,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._upgrade = False  # the request is a WebSocket handshake
         self._tunnel = False  # the backend switched protocols: bytes are relayed as they come
-        self.content_type = b""  # of the current response, once its head is parsed
+        self.content_type = b""  # of the current response, lowercased, once its head is parsed
 
     # -- used by the proxy ------------------------------------------------------------------
 
@@ -311,7 +311,7 @@ class UpstreamConnection(asyncio.Protocol):
         for name, value in self._headers:
             lname = name.lower()
             if lname == b"content-type":
-                content_type = value
+                content_type = value.lower()
             elif lname == b"content-length":
                 length = True
             elif lname == b"transfer-encoding":

@@ -293,12 +293,16 @@ def test_estimate_is_capped() -> None:
     assert backend.rtt_estimate_s == MAX_RTT_S
 
 
+def estimated_at(backend: Backend, clock: FakeClock, estimate_s: float) -> None:
+    """Give ``backend`` a fresh latency estimate of ``estimate_s``."""
+    backend.rtt_estimate_s = estimate_s
+    backend.rtt_stamp_s = clock()
+
+
 def test_a_streams_latency_sample_is_its_time_to_first_token() -> None:
     """A token stream's headers come at once; its latency is taken at the first token."""
-    clock = FakeClock()
-    backend = make_backend()
-    backend.rtt_estimate_s = 0.01
-    backend.rtt_stamp_s = clock()
+    clock, backend = FakeClock(), make_backend()
+    estimated_at(backend, clock, 0.01)
     a = attempt(backend, clock)
     clock.advance(0.002)
     a.response_started(200, deferred=True)
@@ -313,10 +317,8 @@ def test_a_streams_latency_sample_is_its_time_to_first_token() -> None:
 
 
 def test_a_stream_that_ends_without_a_token_is_sampled_at_its_end() -> None:
-    clock = FakeClock()
-    backend = make_backend()
-    backend.rtt_estimate_s = 0.01
-    backend.rtt_stamp_s = clock()
+    clock, backend = FakeClock(), make_backend()
+    estimated_at(backend, clock, 0.01)
     a = attempt(backend, clock)
     a.response_started(200, deferred=True)
     clock.advance(0.3)
@@ -325,10 +327,8 @@ def test_a_stream_that_ends_without_a_token_is_sampled_at_its_end() -> None:
 
 
 def test_a_stream_the_client_abandons_before_its_first_token_is_not_sampled() -> None:
-    clock = FakeClock()
-    backend = make_backend()
-    backend.rtt_estimate_s = 0.01
-    backend.rtt_stamp_s = clock()
+    clock, backend = FakeClock(), make_backend()
+    estimated_at(backend, clock, 0.01)
     a = attempt(backend, clock)
     a.response_started(200, deferred=True)
     clock.advance(5.0)
