@@ -90,6 +90,7 @@ from lb.strategies.affinity import (
     FULL_SCAN_MAX_CANDIDATES,
     MAX_HOLDERS,
     Membership,
+    PromptTree,
     considered,
     two_at_random,
 )
@@ -154,12 +155,6 @@ class CacheAware(Strategy):
         self.cache_threshold = _number(
             "cache_threshold", opts.get("cache_threshold", 0.5), integer=False
         )
-        self.max_tree_chars = int(
-            _number("max_tree_chars", opts.get("max_tree_chars", 2_000_000), integer=True)
-        )
-        self.max_prompt_chars = int(
-            _number("max_prompt_chars", opts.get("max_prompt_chars", 8192), integer=True)
-        )
         self.max_age_s = _number("max_age_s", opts.get("max_age_s", 1.0), integer=False)
         if not self.max_age_s > 0:
             raise ValueError("option 'max_age_s' for strategy 'cache_aware' must be > 0")
@@ -175,14 +170,8 @@ class CacheAware(Strategy):
             raise ValueError(
                 "option 'cache_threshold' for strategy 'cache_aware' must be in [0, 1]"
             )
-        if self.max_prompt_chars < 1:
-            raise ValueError("option 'max_prompt_chars' for strategy 'cache_aware' must be >= 1")
-        if self.max_tree_chars < self.max_prompt_chars:
-            raise ValueError(
-                "option 'max_tree_chars' for strategy 'cache_aware' must be at least "
-                f"max_prompt_chars ({self.max_prompt_chars})"
-            )
-        self.tree: PrefixTree[Backend] = PrefixTree()
+        self.prompts = PromptTree(self.name, opts)  # the budgets, shared with least_loaded
+        self.tree: PrefixTree[Backend] = self.prompts.tree
         self._members = Membership()
         self._reason = ""
 
@@ -192,7 +181,7 @@ class CacheAware(Strategy):
         if not prompt:
             self._reason = "no prompt: least loaded"
             return self._least_loaded(two_at_random(self.rng, candidates) if large else candidates)
-        prompt = prompt[: self.max_prompt_chars]
+        prompt = prompt[: self.prompts.max_prompt_chars]
 
         matched = 0
         holders: list[Backend] = []
@@ -235,10 +224,7 @@ class CacheAware(Strategy):
                 chosen = self._least_loaded_then_smallest_tree(candidates)
                 self._reason = "no match: least loaded"
 
-        tree = self.tree
-        tree.insert(prompt, chosen)
-        if tree.charged_chars > self.max_tree_chars:
-            tree.evict(self.max_tree_chars)
+        self.prompts.record(prompt, chosen)
         return chosen
 
     def _queueing(self, backend: Backend) -> bool:

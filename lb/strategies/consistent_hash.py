@@ -75,10 +75,11 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from lb.backend import Backend
+from lb.strategies.affinity import Membership
 from lb.strategies.base import Clock, RequestInfo, Strategy
 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
@@ -175,8 +176,7 @@ class ConsistentHash(Strategy):
         self._distinct = len(set(self._owners))
         self._reason = ""
         # Membership of the last candidate tuple seen (see "Cost" in the module docstring).
-        self._members_of: tuple[Backend, ...] | None = None
-        self._members: frozenset[Backend] = frozenset()
+        self._members = Membership()  # O(1) `in` over the candidates
 
     def _positive_int(self, option: str, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -207,7 +207,7 @@ class ConsistentHash(Strategy):
             self._reason = "only candidate"
             return candidates[0]
 
-        eligible = self._membership(candidates)
+        eligible = self._members.of(candidates)
         owners = self._owners
         count = len(owners)
         start = bisect.bisect_left(self._positions, ring_hash(key))
@@ -258,17 +258,6 @@ class ConsistentHash(Strategy):
                 break
         self._reason = "all over bound: least loaded"
         return self._least_loaded(candidates)
-
-    def _membership(self, candidates: Sequence[Backend]) -> Container[Backend]:
-        """Something to test ``backend in candidates`` with in O(1)."""
-        if isinstance(candidates, tuple):
-            if candidates is not self._members_of:
-                self._members_of = candidates
-                self._members = frozenset(candidates)
-            return self._members
-        if isinstance(candidates, list):
-            return set(candidates)
-        return candidates  # a view (lb.pool.CandidateView) answers membership itself
 
     def explain(self, backend: Backend, request: RequestInfo) -> str:
         """Why the last pick went where it did: the owner, a later backend, or least loaded."""
