@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import TextIO, cast
 
 from aiohttp import web
@@ -119,11 +120,18 @@ class App:
         await link.report_admin(self.admin_port)
         await link.wait_serve()
         await self._listen(reuse_port=True)
+
+    async def report_serving(self) -> None:
+        """A worker tells the supervisor it serves: only once its signal handlers are in
+        place, since the supervisor passes SIGHUP on to every serving worker."""
+        link = self.link
+        if link is None:
+            return
         await link.report_serving()
         log.info(
             "worker %d listening on http://%s, private admin on http://127.0.0.1:%d",
             link.index,
-            host_port(config.listen.host, self.port),
+            host_port(self.config.listen.host, self.port),
             self.admin_port,
         )
 
@@ -301,51 +309,60 @@ async def serve(config: Config, source: str, link: WorkerLink | None = None) -> 
     """Run until SIGTERM or SIGINT (or, for a worker, until the supervisor is gone), then
     drain; returns the exit code."""
     app = App(config, source, link)
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[object]] = set()
+    # Signals are handled from the start; one that arrives while the app is still starting
+    # takes effect once it has started (a SIGHUP then must not kill the process).
+    started = False
+    pending: list[Callable[[], Coroutine[object, object, object]]] = []
+
+    def act(action: Callable[[], Coroutine[object, object, object]]) -> None:
+        if not started:
+            pending.append(action)
+            return
+        task = loop.create_task(action())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def on_signal(signum: int) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        act(app.shutdown)
+
+    def on_hangup() -> None:
+        log.info("received SIGHUP: reloading %s", source)
+        act(app.reload)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         if link is not None:
             await link.open()
         await app.start()
+        # Everything built so far lives as long as the process: move it out of the
+        # collector's sight, so a full collection walks only per-request garbage (otherwise
+        # each one stalls the event loop for tens of milliseconds), and collect the young
+        # generation less often.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
+        await app.report_serving()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
     except LinkError as exc:
         log.error("supervisor gone during start-up: %s", exc)
         return 1
-    # Everything built so far lives as long as the process: move it out of the collector's
-    # sight, so a full collection walks only per-request garbage (otherwise each one stalls
-    # the event loop for tens of milliseconds), and collect the young generation less often.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
-    loop = asyncio.get_running_loop()
-    shutdown_tasks: set[asyncio.Task[object]] = set()
-
-    def on_signal(signum: int) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        begin_shutdown()
-
-    def begin_shutdown() -> None:
-        task = loop.create_task(app.shutdown())
-        shutdown_tasks.add(task)
-        task.add_done_callback(shutdown_tasks.discard)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-
-    def on_hangup() -> None:
-        log.info("received SIGHUP: reloading %s", source)
-        task = loop.create_task(app.reload())
-        shutdown_tasks.add(task)
-        task.add_done_callback(shutdown_tasks.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    started = True
+    for action in pending:
+        act(action)
     if link is not None:
 
         def on_supervisor_gone() -> None:
             # Only when not stopping already: a second shutdown would cut the grace period.
             if app.proxy is not None and not app.proxy.draining:
                 log.warning("supervisor gone: draining and exiting")
-                begin_shutdown()
+                act(app.shutdown)
 
         link.watch(on_supervisor_gone)
     await app.wait_stopped()
