@@ -34,6 +34,8 @@ from lb.request import IncomingRequest, ListenerLimits
 from lb.timers import Deadline
 from lb.tunnel import TUNNEL_HOLD_BYTES, TunnelPeer, websocket_upgrade
 
+TASK_NAME = "lb-request"
+
 log = logging.getLogger("lb.downstream")
 
 # Reasons the client's reading is paused; reading resumes when none is left.
@@ -287,7 +289,8 @@ class ClientConnection(asyncio.Protocol):
         self._current = req
         if req.expect_continue and not req.body.complete:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._task = self.loop.create_task(self.handler.handle(self, req))
+        # Named here: an unnamed task formats a "Task-N" name for itself, every request.
+        self._task = asyncio.Task(self.handler.handle(self, req), loop=self.loop, name=TASK_NAME)
 
     # -- WebSocket tunnel -------------------------------------------------------------------
 
