@@ -25,6 +25,11 @@ class Histogram:
         self.counts[bisect_left(self.buckets, value)] += 1
         self.sum += value
 
+    def observe_many(self, value: float, times: int) -> None:
+        """``observe(value)`` ``times`` times over."""
+        self.counts[bisect_left(self.buckets, value)] += times
+        self.sum += value * times
+
     @property
     def count(self) -> int:
         return sum(self.counts)

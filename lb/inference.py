@@ -29,8 +29,11 @@ TTFT_BUCKETS_S: tuple[float, ...] = (
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
-# A streamed chunk carrying text: OpenAI chat deltas ("content") and completions ("text").
-_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+# A streamed chunk carrying text: OpenAI chat deltas ("content") and completions ("text"),
+# found by bytes.find (a regex search stops at every quote of the chunk) and then checked to
+# hold a non-empty string.
+_TEXT_KEYS = (b'"content"', b'"text"')
+_NON_EMPTY_STRING = re.compile(rb'\s*:\s*"(?!")')
 CARRY_BYTES = 32
 TAIL_BYTES = 2048  # the end of a JSON body kept to find its usage
 MAX_MODELS = 64  # distinct model labels kept; more are counted as "other"
@@ -40,6 +43,27 @@ def model_in(body_start: bytes) -> str | None:
     """The ``model`` named near the start of a JSON request body, without parsing it all."""
     match = _MODEL.search(body_start)
     return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def text_events(buf: bytes, skip: int, keys: tuple[bytes, ...] = _TEXT_KEYS) -> int:
+    """How many text-carrying keys (``"content": "..."``, ``"text": "..."``, not empty) are
+    decided in ``buf`` and were not in its first ``skip`` bytes.
+
+    A key is decided once the byte after its opening quote has arrived (an empty string is no
+    text): one whose quote ends ``buf`` waits for the next read, which carries it again.
+    """
+    count = 0
+    size = len(buf)
+    match = _NON_EMPTY_STRING.match
+    for key in keys:
+        at = buf.find(key)
+        while at >= 0:
+            end = at + len(key)
+            found = match(buf, end)
+            if found is not None and skip <= found.end() < size:
+                count += 1
+            at = buf.find(key, end)
+    return count
 
 
 class InferenceStats:
@@ -75,7 +99,7 @@ class InferenceStats:
 class ResponseMeter:
     """Watches one response's body for tokens and usage."""
 
-    __slots__ = ("_carry", "_events", "_last_s", "_stats", "_tail", "sse", "started_s")
+    __slots__ = ("_carry", "_events", "_keys", "_last_s", "_stats", "_tail", "sse", "started_s")
 
     def __init__(self, stats: InferenceStats, started_s: float, sse: bool) -> None:
         self._stats = stats
@@ -83,8 +107,10 @@ class ResponseMeter:
         self.sse = sse
         self._events = 0
         self._last_s = 0.0
-        self._tail = b""
+        self._tail = bytearray()  # the end of the body: at least its last TAIL_BYTES
         self._carry = b""
+        # Narrowed to the key the first text chunk used: chat streams "content", others "text".
+        self._keys: tuple[bytes, ...] = _TEXT_KEYS
         if sse:
             stats.streams += 1
 
@@ -94,18 +120,24 @@ class ResponseMeter:
         return self._events
 
     def on_body(self, data: bytes) -> None:
-        self._tail = (self._tail + data)[-TAIL_BYTES:]
+        tail = self._tail
+        tail += data
+        if len(tail) > 2 * TAIL_BYTES:
+            del tail[:-TAIL_BYTES]
         if not self.sse:
             return
         # Token chunks are the events with non-empty content: not the role-only first chunk,
         # nor the finish or usage chunks. A match may straddle two reads: the carried end of
-        # the previous read is searched again, and only matches ending past it count.
+        # the previous read is searched again, and only matches not decided in it count.
         buf = self._carry + data
         skip = len(self._carry)
-        events = sum(1 for m in _CONTENT.finditer(buf) if m.end() > skip)
+        events = text_events(buf, skip, self._keys)
         self._carry = buf[-CARRY_BYTES:]
         if events <= 0:
             return
+        if len(self._keys) > 1:
+            chat = text_events(buf, skip, _TEXT_KEYS[:1]) > 0
+            self._keys = _TEXT_KEYS[:1] if chat else _TEXT_KEYS[1:]
         now = time.monotonic()
         stats = self._stats
         if self._events == 0:
@@ -115,14 +147,12 @@ class ResponseMeter:
             self._last_s = now
             if events == 0:
                 return
-        gap = (now - self._last_s) / events
-        for _ in range(min(events, 64)):
-            stats.tbt.observe(gap)
+        stats.tbt.observe_many((now - self._last_s) / events, events)
         self._events += events
         self._last_s = now
 
     def on_end(self) -> None:
-        tail = self._tail
+        tail = bytes(self._tail[-TAIL_BYTES:])
         at = tail.rfind(b'"usage"')
         usage = tail[at:] if at >= 0 else b""
         prompt = _PROMPT.search(usage)

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.sim import SimServer, start_sim
 from lb.app import App
-from lb.inference import MAX_MODELS
+from lb.inference import MAX_MODELS, InferenceStats, ResponseMeter
 from tests.conftest import pool, proxy_config, url
 
 CHAT = "/v1/chat/completions"
@@ -315,3 +315,50 @@ async def test_a_streams_latency_estimate_is_its_time_to_first_token(start_proxy
         assert 0.25 <= backend.rtt_estimate_s < 0.8
     finally:
         await runner.cleanup()
+
+
+def _sse_body(deltas: list[bytes]) -> bytes:
+    events = [b'data: {"choices":[%s]}\n\n' % d for d in deltas]
+    return b"".join(events) + b"data: [DONE]\n\n"
+
+
+# A chat stream: a role-only chunk, three text chunks (one with an escaped quote and spaces
+# around its colon), an empty-content chunk and a finish chunk.
+CHAT_STREAM = _sse_body(
+    [
+        b'{"delta":{"role":"assistant","content":""}}',
+        b'{"delta":{"content":"Hel"}}',
+        b'{"delta":{"content" : "lo \\"content\\": x"}}',
+        b'{"delta":{"content":"!"}}',
+        b'{"delta":{"content":""}}',
+        b'{"delta":{},"finish_reason":"stop"}',
+    ]
+)
+# A completions stream: two text chunks and an empty one.
+COMPLETIONS_STREAM = _sse_body(
+    [b'{"text":"Hel"}', b'{"text":""}', b'{"text":"lo","finish_reason":"stop"}']
+)
+
+
+@pytest.mark.parametrize(("body", "chunks"), [(CHAT_STREAM, 3), (COMPLETIONS_STREAM, 2)])
+def test_a_stream_counts_its_text_chunks_wherever_the_reads_split_it(
+    body: bytes, chunks: int
+) -> None:
+    for cut in range(1, len(body)):
+        stats = InferenceStats()
+        meter = ResponseMeter(stats, started_s=0.0, sse=True)
+        meter.on_body(body[:cut])
+        meter.on_body(body[cut:])
+        assert meter.events == chunks, f"split at byte {cut}"
+        assert stats.tbt.count == chunks - 1, f"split at byte {cut}"
+
+
+def test_a_json_answers_usage_is_found_at_the_end_of_a_long_body() -> None:
+    stats = InferenceStats()
+    meter = ResponseMeter(stats, started_s=0.0, sse=False)
+    meter.on_body(b'{"choices":[{"message":{"content":"' + b"x" * 10_000)
+    for _ in range(50):
+        meter.on_body(b"y" * 97)
+    meter.on_body(b'"}}],"usage":{"prompt_tokens":12,"completion_tokens":34}}')
+    meter.on_end()
+    assert (stats.prompt_tokens, stats.completion_tokens) == (12, 34)
