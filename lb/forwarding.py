@@ -68,7 +68,8 @@ def request_head(
     rid_name = settings.request_id_header
     forwarded = settings.forwarded
     prior_xff: list[bytes] = []
-    out = [b"%s %s HTTP/1.1\r\n" % (method, url)]
+    # Pieces joined once at the end: cheaper than formatting each line.
+    out = [method, b" ", url, b" HTTP/1.1\r\n"]
     for name, value in headers:
         lname = name.lower()
         if lname in _STRIP_FROM_REQUEST or lname in tokens or lname == rid_name:
@@ -77,23 +78,23 @@ def request_head(
             if lname == b"x-forwarded-for":
                 prior_xff.append(value)
             continue
-        out.append(b"%s: %s\r\n" % (name, value))
+        out += (name, b": ", value, b"\r\n")
     if host is None:
-        out.append(b"host: %s\r\n" % default_host)
+        out += (b"host: ", default_host, b"\r\n")
     if forwarded:
         prior_xff.append(client_ip.encode())
-        out.append(b"x-forwarded-for: %s\r\n" % b", ".join(prior_xff))
-        out.append(b"x-forwarded-proto: http\r\n")
+        out += (b"x-forwarded-for: ", b", ".join(prior_xff), b"\r\nx-forwarded-proto: http\r\n")
         if host is not None:
-            out.append(b"x-forwarded-host: %s\r\n" % host)
-    out.append(b"%s: %s\r\n" % (rid_name, request_id))
+            out += (b"x-forwarded-host: ", host, b"\r\n")
+    out += (rid_name, b": ", request_id, b"\r\n")
     if upgrade is not None:
-        out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % upgrade)
+        out += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
     if chunked:
-        out.append(b"transfer-encoding: chunked\r\n")
+        out.append(b"transfer-encoding: chunked\r\n\r\n")
     elif content_length is not None:
-        out.append(b"content-length: %d\r\n" % content_length)
-    out.append(b"\r\n")
+        out += (b"content-length: ", str(content_length).encode(), b"\r\n\r\n")
+    else:
+        out.append(b"\r\n")
     return b"".join(out)
 
 
@@ -118,7 +119,7 @@ def response_head(
         lname = name.lower()
         if lname in _STRIP_FROM_RESPONSE or lname in tokens or lname == rid_name:
             continue
-        out.append(b"%s: %s\r\n" % (name, value))
+        out += (name, b": ", value, b"\r\n")
     if chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     if not keep_alive:

@@ -33,8 +33,14 @@ CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+_STATUS_LINES: dict[int, bytes] = {
+    status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in REASONS.items()
+}
+
+
 def status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
