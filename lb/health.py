@@ -25,6 +25,7 @@ This module does I/O but never touches pool internals: it sets ``Backend.healthy
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -32,11 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
-
 from lb.backend import Backend
 from lb.config_resilience import HealthCheck, parse_status_ranges
-from lb.probing import ProbeTasks, probe_session
+from lb.probing import ProbeTasks, describe_failure, probe_session
 from lb.tls import aiohttp_tls
 
 log = logging.getLogger("lb.health")
@@ -182,12 +181,11 @@ class HealthChecker:
         self._started = True
         if not self.config.enabled or not self.backends:
             return
-        asyncio.get_running_loop()  # raises RuntimeError outside a loop, before any side effect
+        timeout_s = self.config.timeout_s
+        open_session = None
         if self.config.type == "http":
-            self._probes.session = probe_session(self.config.timeout_s, {"User-Agent": USER_AGENT})
-        for backend in self.backends:
-            name = f"health:{self.pool_name}:{backend.name}"
-            self._probes.spawn(self._run(backend), name)
+            open_session = functools.partial(probe_session, timeout_s, {"User-Agent": USER_AGENT})
+        self._probes.start("health", self.pool_name, self.backends, self._run, open_session)
 
     async def stop(self) -> None:
         """Cancel and await every probe task, then close the HTTP session; idempotent."""
@@ -235,7 +233,7 @@ class HealthChecker:
                 return await self._probe_http(backend)
             return await self._probe_tcp(backend)
         except Exception as exc:
-            reason = self._describe(exc)
+            reason = describe_failure(exc, self.config.timeout_s)
             log.debug("health: pool=%s backend=%s probe failed: %s",
                       self.pool_name, backend.name, reason)  # fmt: skip
             return False, reason
@@ -268,17 +266,3 @@ class HealthChecker:
         except OSError:
             pass  # the connection opened, which is all a tcp check asks
         return True, "connected"
-
-    def _describe(self, exc: Exception) -> str:
-        """A short reason for a failed probe, for the log line of a flip."""
-        if isinstance(exc, TimeoutError):  # aiohttp's timeout errors subclass it too
-            return f"timeout after {self.config.timeout_s:g}s"
-        cause: BaseException = exc
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            cause = exc.os_error
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, ConnectionResetError | aiohttp.ServerDisconnectedError):
-            return "connection reset"
-        text = str(exc)
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -47,6 +47,7 @@ the proxy's event loop for a 170 KB vLLM page with the four vLLM names, not a fu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -54,11 +55,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from lb.backend import Backend
 from lb.config_load_report import LoadReport
-from lb.probing import ProbeTasks, probe_session
+from lb.probing import ProbeTasks, describe_failure, probe_session
 from lb.tls import aiohttp_tls
 
 log = logging.getLogger("lb.load_report")
@@ -277,13 +276,12 @@ class LoadReporter:
         self._started = True
         if not self.config.enabled or not self.backends:
             return
-        asyncio.get_running_loop()  # raises RuntimeError outside a loop, before any side effect
-        self._probes.session = probe_session(
-            self.config.timeout_s, {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        open_session = functools.partial(
+            probe_session,
+            self.config.timeout_s,
+            {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
-        for backend in self.backends:
-            name = f"load-report:{self.pool_name}:{backend.name}"
-            self._probes.spawn(self._run(backend), name)
+        self._probes.start("load-report", self.pool_name, self.backends, self._run, open_session)
 
     async def stop(self) -> None:
         """Cancel and await every scrape task, then close the HTTP session; idempotent."""
@@ -398,17 +396,7 @@ class LoadReporter:
         """A short reason for a failed scrape."""
         if isinstance(exc, ScrapeError):
             return str(exc)
-        if isinstance(exc, TimeoutError):  # aiohttp's timeout errors subclass it too
-            return f"timeout after {self.config.timeout_s:g}s"
-        cause: BaseException = exc
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            cause = exc.os_error
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, ConnectionResetError | aiohttp.ServerDisconnectedError):
-            return "connection reset"
-        text = str(exc)
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return describe_failure(exc, self.config.timeout_s)
 
 
 def _present(values: dict[str, tuple[float, int]], candidates: tuple[str, ...]) -> bool:
