@@ -30,10 +30,11 @@ _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 # A streamed chunk carrying text: OpenAI chat deltas ("content") and completions ("text"),
-# found by bytes.find (a regex search stops at every quote of the chunk) and then checked to
-# hold a non-empty string.
+# found by bytes.find (a regex search stops at every quote of the chunk). Servers write
+# compact JSON ("content":"...), checked in place; any other spelling goes to a regex.
 _TEXT_KEYS = (b'"content"', b'"text"')
 _NON_EMPTY_STRING = re.compile(rb'\s*:\s*"(?!")')
+_QUOTE = ord('"')
 CARRY_BYTES = 32
 TAIL_BYTES = 2048  # the end of a JSON body kept to find its usage
 MAX_MODELS = 64  # distinct model labels kept; more are counted as "other"
@@ -59,9 +60,14 @@ def text_events(buf: bytes, skip: int, keys: tuple[bytes, ...] = _TEXT_KEYS) -> 
         at = buf.find(key)
         while at >= 0:
             end = at + len(key)
-            found = match(buf, end)
-            if found is not None and skip <= found.end() < size:
-                count += 1
+            if buf[end : end + 2] == b':"':
+                opened = end + 2  # just past the opening quote
+                if skip <= opened < size and buf[opened] != _QUOTE:
+                    count += 1
+            else:
+                found = match(buf, end)
+                if found is not None and skip <= found.end() < size:
+                    count += 1
             at = buf.find(key, end)
     return count
 

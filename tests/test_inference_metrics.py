@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -362,3 +363,21 @@ def test_a_json_answers_usage_is_found_at_the_end_of_a_long_body() -> None:
     meter.on_body(b'"}}],"usage":{"prompt_tokens":12,"completion_tokens":34}}')
     meter.on_end()
     assert (stats.prompt_tokens, stats.completion_tokens) == (12, 34)
+
+
+def test_a_streams_count_does_not_depend_on_how_its_keys_are_spelled_or_split() -> None:
+    rng = random.Random(7)
+    spellings = [b'"content":"%s"', b'"content" : "%s"', b'"content":\n"%s"', b'"content":null']
+    for _ in range(200):
+        deltas, expected = [], 0
+        for i in range(rng.randint(1, 8)):
+            spelling = rng.choice(spellings)
+            text = b"t%d" % i if rng.random() < 0.8 else b""
+            expected += b"%s" in spelling and text != b""
+            deltas.append(b'{"delta":{%s}}' % (spelling % text if b"%s" in spelling else spelling))
+        body = _sse_body(deltas)
+        cuts = sorted(rng.sample(range(1, len(body)), 3))
+        meter = ResponseMeter(InferenceStats(), started_s=0.0, sse=True)
+        for start, end in zip([0, *cuts], [*cuts, len(body)], strict=True):
+            meter.on_body(body[start:end])
+        assert meter.events == expected, (body, cuts)
