@@ -59,9 +59,14 @@ class RetryPolicy:
 
     @classmethod
     def from_config(cls, retry: Retry) -> RetryPolicy:
+        conditions = {c for c in retry.retry_on if isinstance(c, str)}
+        if retry.per_try_timeout_s is not None and "retry_on" not in retry.model_fields_set:
+            # A per-try timeout is there to move a hung try elsewhere (as Envoy's is): with the
+            # default conditions, its expiry retries too.
+            conditions.add("timeout")
         return cls(
             max_retries=retry.max_retries,
-            conditions=frozenset(c for c in retry.retry_on if isinstance(c, str)),
+            conditions=frozenset(conditions),
             statuses=frozenset(c for c in retry.retry_on if isinstance(c, int)),
             per_try_timeout_s=retry.per_try_timeout_s,
             deadline_s=retry.deadline_s,

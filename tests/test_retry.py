@@ -88,6 +88,17 @@ def test_from_config_copies_limits_and_turns_budget_percent_into_a_ratio() -> No
     )
 
 
+def test_a_per_try_timeout_with_the_default_conditions_retries_its_expiry() -> None:
+    policy = RetryPolicy.from_config(Retry(per_try_timeout_s=2.0))
+    assert policy.retries_error(UpstreamTimeout("no headers within 2s"))
+    assert policy.conditions == frozenset({"connect_error", "reset", "timeout"})
+
+
+def test_a_per_try_timeout_with_conditions_written_out_keeps_them_as_written() -> None:
+    policy = RetryPolicy.from_config(Retry(per_try_timeout_s=2.0, retry_on=["reset", 503]))
+    assert not policy.retries_error(UpstreamTimeout("no headers within 2s"))
+
+
 def test_default_config_gives_the_default_policy() -> None:
     """A Retry section left at its defaults maps to the policy's own defaults."""
     assert RetryPolicy.from_config(Retry()) == RetryPolicy()
