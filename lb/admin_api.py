@@ -2,7 +2,7 @@
 
 Reads need no credentials (the listener is meant for a trusted network, like ``/metrics``);
 every call that changes something needs ``Authorization: Bearer <admin token>``. A wrong or
-missing token is answered 401 and changes nothing. The numbers shown are the very fields the
+missing token, or none configured at all, is answered 401 and changes nothing. The numbers shown are the very fields the
 strategies and ``/metrics`` read.
 """
 
@@ -189,12 +189,18 @@ def mutating(handler: Handler) -> Handler:
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         token = _control(request).admin_token()
-        if token is not None:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
-            presented = given.strip().encode("utf-8", "surrogateescape")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
-                return _error(401, "unauthorized", "a valid admin bearer token is required")
+        if token is None:
+            return _error(
+                401,
+                "unauthorized",
+                "admin calls that change something need a bearer token, and none is "
+                "configured: set admin.token or the LB_ADMIN_TOKEN environment variable",
+            )
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
+        presented = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
+            return _error(401, "unauthorized", "a valid admin bearer token is required")
         return await handler(request)
 
     return guarded

@@ -37,7 +37,7 @@ class Admin(BaseModel):
     enabled: bool = Field(default=True, description="Whether the admin listener runs at all.")
     token: str | None = Field(
         default=None,
-        min_length=16,
+        min_length=1,
         description="Bearer token required by admin calls that change something (also read "
         "from LB_ADMIN_TOKEN). Required when the admin listener is not on loopback.",
     )

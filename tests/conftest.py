@@ -175,11 +175,16 @@ async def backends() -> AsyncIterator[Callable[..., Awaitable[list[TestBackend]]
         await b.runner.cleanup()
 
 
+# The admin token of every proxy_config: admin calls that change something need one.
+ADMIN_TOKEN = "0123456789abcdef0123456789abcdef"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 def proxy_config(pools: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """A config dict on free ports with the given pools and extra top-level keys."""
     return {
         "listen": {"host": "127.0.0.1", "port": free_port()},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port(), "token": ADMIN_TOKEN},
         "pools": pools,
         "shutdown": {"grace_s": 0},
         **extra,

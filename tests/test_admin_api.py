@@ -16,10 +16,10 @@ import yaml
 
 from lb.app import App
 from lb.config import ConfigError, load_config, parse_config
-from tests.conftest import free_port, pool, proxy_config, raw_exchange, url
+from tests.conftest import ADMIN_AUTH, ADMIN_TOKEN, free_port, pool, proxy_config, raw_exchange, url
 
-TOKEN = "0123456789abcdef0123456789abcdef"  # 32 characters
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TOKEN = ADMIN_TOKEN  # 32 characters, in every proxy_config
+AUTH = ADMIN_AUTH
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 # Fields that move with the clock (and the probes it runs) alone, not with any call.
 VOLATILE_BACKEND_FIELDS = frozenset(
@@ -37,7 +37,7 @@ async def _get(app: App, path: str) -> tuple[int, Any]:
 
 
 async def _post(
-    app: App, path: str, *, json: Any = None, data: Any = None, headers: Any = None
+    app: App, path: str, *, json: Any = None, data: Any = None, headers: Any = ADMIN_AUTH
 ) -> tuple[int, Any]:
     async with (
         aiohttp.ClientSession() as s,
@@ -652,6 +652,7 @@ async def test_mutating_operations_are_marked_as_needing_the_bearer_token(backen
 def _public_admin_config() -> dict[str, Any]:
     config = proxy_config([{"name": "chat", "backends": [{"url": "http://127.0.0.1:9"}]}])
     config["admin"]["host"] = "0.0.0.0"
+    del config["admin"]["token"]
     return config
 
 
@@ -662,6 +663,30 @@ def test_an_admin_listener_off_loopback_without_a_token_is_a_config_error(monkey
         parse_config(_public_admin_config(), "test")
     assert info.value.key == "admin.token"
     assert "admin.token" in str(info.value)
+
+
+def test_a_short_admin_token_is_accepted(monkeypatch):
+    """Any non-empty token is a token; its strength is the operator's to choose."""
+    monkeypatch.delenv("LB_ADMIN_TOKEN", raising=False)
+    raw = _public_admin_config()
+    raw["admin"]["token"] = "secret"
+    assert parse_config(raw, "test").admin.token == "secret"
+
+
+async def test_with_no_admin_token_configured_every_mutating_call_is_401(
+    backends, start_proxy, monkeypatch
+):
+    """On loopback without any token the proxy starts, but nothing can change it."""
+    monkeypatch.delenv("LB_ADMIN_TOKEN", raising=False)
+    (b0,) = await backends(1)
+    config = proxy_config([pool("chat", [b0])])
+    del config["admin"]["token"]
+    app = await start_proxy(config)
+    for path in ("/api/v1/pools/chat/backends/b0/drain", "/api/v1/reload"):
+        status, body = await _post(app, path, headers=ADMIN_AUTH)
+        assert status == 401, path
+        assert "LB_ADMIN_TOKEN" in body["error"]["message"]
+    assert _backend(await _state(app), "chat", "b0")["drained"] is False
 
 
 def test_an_admin_listener_off_loopback_accepts_the_token_from_the_environment(monkeypatch):

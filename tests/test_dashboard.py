@@ -26,7 +26,7 @@ except ImportError as exc:  # a clear word instead of a bare ModuleNotFoundError
     ) from exc
 
 from lb.app import App
-from tests.conftest import pool, proxy_config, url
+from tests.conftest import ADMIN_AUTH, pool, proxy_config, url
 
 if TYPE_CHECKING:  # imported by name, pytest would try to collect the class as a test
     from tests.conftest import TestBackend
@@ -106,7 +106,7 @@ def state_of(page: Page, pool_name: str, backend: str) -> Any:
 async def admin_post(app: App, path: str) -> int:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"http://127.0.0.1:{app.admin_port}{path}") as resp,
+        session.post(f"http://127.0.0.1:{app.admin_port}{path}", headers=ADMIN_AUTH) as resp,
     ):
         await resp.read()
         return resp.status

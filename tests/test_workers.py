@@ -23,7 +23,7 @@ from lb.worker_link import PIPE_BUF, AtomicLines
 from lb.worker_merge import merge_backend, merge_metrics
 from lb.workers import Backoff, cpu_count, worker_count
 from tests import conftest
-from tests.conftest import free_port, pool, proxy_config
+from tests.conftest import ADMIN_AUTH, free_port, pool, proxy_config
 from tests.test_metrics import run_promtool_async
 
 START_TIMEOUT_S = 20.0
@@ -188,7 +188,7 @@ async def test_a_drain_through_the_supervisor_reaches_every_worker(
     fleet = await run_fleet(proxy_config([pool("chat", [b0, b1])]))
     async with (
         aiohttp.ClientSession() as s,
-        s.post(fleet.admin("/api/v1/pools/chat/backends/b0/drain")) as resp,
+        s.post(fleet.admin("/api/v1/pools/chat/backends/b0/drain"), headers=ADMIN_AUTH) as resp,
     ):
         assert resp.status == 200
         assert (await resp.json())["drained"] is True
