@@ -58,6 +58,7 @@ class AccessLogger:
         request_id: str,
         method: str,
         path: str,
+        route: str | None,
         pool: str | None,
         backend: str | None,
         status: int,
@@ -75,6 +76,7 @@ class AccessLogger:
         self._queue(
             f'{{"time":"{self._now()}","request_id":{_quote(request_id)},'
             f'"method":{_quote(method)},"path":{_quote(path)},'
+            f'"route":{_quote(route) if route is not None else "null"},'
             f'"pool":{_quote(pool) if pool is not None else "null"},'
             f'"backend":{_quote(backend) if backend is not None else "null"},'
             f'"status":{status},"attempts":{attempts},"bytes_in":{bytes_in},'

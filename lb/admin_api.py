@@ -2,8 +2,8 @@
 
 Reads need no credentials (the listener is meant for a trusted network, like ``/metrics``);
 every call that changes something needs ``Authorization: Bearer <admin token>``. A wrong or
-missing token, or none configured at all, is answered 401 and changes nothing. The numbers shown are the very fields the
-strategies and ``/metrics`` read.
+missing token, or none configured at all, is answered 401 and changes nothing. The numbers
+shown are the very fields the strategies and ``/metrics`` read.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from aiohttp import web
 
 from lb import __version__
 from lb.backend import Backend
-from lb.config import Config
+from lb.config import Config, route_name
 from lb.health import HealthChecker
 from lb.load_report import LoadReporter
 from lb.metrics import CODE_CLASSES
@@ -257,13 +257,14 @@ async def get_routes(request: web.Request) -> web.Response:
     config = _control(request).config
     routes = [
         {
+            "name": route_name(r.name, i),
             "pool": r.pool,
             "path_prefix": r.path_prefix,
             "headers": r.headers,
             "methods": r.methods,
             "requires_api_key": r.auth is not None,
         }
-        for r in config.routes
+        for i, r in enumerate(config.routes)
     ]
     return web.json_response({"routes": routes, "default_pool": config.pools[0].name})
 

@@ -162,6 +162,7 @@ class App:
                 load_reports=lambda: self.load_reporters,
                 reloads=lambda: self.reloads,
                 mirror_skipped=lambda: proxy.mirrors.skipped if proxy.mirrors else {},
+                route_responses=lambda: proxy.route_responses,
             )
         )
         self._admin = web.AppRunner(

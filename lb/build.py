@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from lb.admission import AdmissionQueue
 from lb.backend import DEFAULT_DECAY_S, Backend
 from lb.client_auth import ClientKeys
-from lb.config import Config, ConfigError, client_api_keys
+from lb.config import Config, ConfigError, client_api_keys, route_name
 from lb.forwarding import ForwardingSettings
 from lb.outlier import OutlierDetector
 from lb.pool import Pool, PoolTimeouts
@@ -141,12 +141,13 @@ def retire_pools(old: Mapping[str, Pool], new: Mapping[str, Pool]) -> None:
 
 def build_router(config: Config, pools: dict[str, Pool]) -> Router:
     routes = []
-    for rc in config.routes:
+    for i, rc in enumerate(config.routes):
         split = tuple((pools[t.pool], t.weight) for t in rc.split or [])
         primary = pools[rc.pool] if rc.pool is not None else split[0][0]
         routes.append(
             Route(
                 pool=primary,
+                name=route_name(rc.name, i),
                 path_prefix=rc.path_prefix.encode(),
                 headers=tuple((k.encode(), v.encode()) for k, v in rc.headers.items()),
                 methods=frozenset(m.encode() for m in rc.methods) if rc.methods else None,

@@ -148,6 +148,11 @@ class Config(BaseModel):
         return self.timeouts.model_copy(update=override)
 
 
+def route_name(name: str | None, index: int) -> str:
+    """A route's name: the configured one, else ``route-<index>``."""
+    return name if name is not None else f"route-{index}"
+
+
 def admin_token(config: Config) -> str | None:
     """The admin bearer token: ``admin.token``, else ``$LB_ADMIN_TOKEN``, else ``None``."""
     return config.admin.token or os.environ.get("LB_ADMIN_TOKEN") or None
@@ -190,7 +195,15 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
             by_url.setdefault(address, j)
             by_name.setdefault(name, j)
     known = ", ".join(pool_names)
+    route_names: dict[str, int] = {}
     for i, route in enumerate(config.routes):
+        name = route_name(route.name, i)
+        if name in route_names:
+            problems.append(
+                (f"routes[{i}].name", f"duplicate route name {name!r} (same as routes"
+                 f"[{route_names[name]}]; unnamed routes are route-<index>)")
+            )  # fmt: skip
+        route_names.setdefault(name, i)
         where = [("pool", route.pool)] if route.pool is not None else []
         where += [(f"split[{j}].pool", t.pool) for j, t in enumerate(route.split or [])]
         if route.mirror is not None:

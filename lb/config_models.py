@@ -300,6 +300,12 @@ class RouteConfig(BaseModel):
 
     model_config = _Model
 
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="Its name in the access log, metrics and admin API; default route-<index>.",
+    )
     pool: str | None = Field(
         default=None, description="Name of the pool that serves matching requests."
     )

@@ -120,6 +120,7 @@ class ProxyCollector(Collector):
         reloads: Callable[[], ReloadStats] | None = None,
         load_reports: Callable[[], Mapping[str, LoadReporter]] = dict,
         mirror_skipped: Callable[[], Mapping[str, int]] = dict,
+        route_responses: Callable[[], Mapping[str, list[int]]] = dict,
     ) -> None:
         self._pools = pools
         self._client_connections = client_connections
@@ -127,6 +128,7 @@ class ProxyCollector(Collector):
         self._reloads = reloads
         self._load_reports = load_reports
         self._mirror_skipped = mirror_skipped
+        self._route_responses = route_responses
 
     def collect(self) -> Iterable[Metric]:
         pools = self._pools()
@@ -134,6 +136,13 @@ class ProxyCollector(Collector):
             "lb_requests", "Client requests answered, by pool and status class.",
             labels=["pool", "code_class"],
         )  # fmt: skip
+        by_route = CounterMetricFamily(
+            "lb_route_requests", "Client requests answered, by route and status class.",
+            labels=["route", "code_class"],
+        )  # fmt: skip
+        for route, counts in self._route_responses().items():
+            for cls, count in zip(CODE_CLASSES, counts, strict=True):
+                by_route.add_metric([route, cls], count)
         duration = HistogramMetricFamily(
             "lb_request_duration_seconds",
             "Time from request headers to the end of the response, by pool.",
@@ -204,8 +213,8 @@ class ProxyCollector(Collector):
         info = GaugeMetricFamily("lb_build_info", "Build information.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield from (
-            requests, duration, ttfb, disconnects, responses, in_flight, rtt, healthy, weight,
-            connects, idle, clients, info,
+            requests, by_route, duration, ttfb, disconnects, responses, in_flight, rtt, healthy,
+            weight, connects, idle, clients, info,
         )  # fmt: skip
         yield from resilience.families()
         yield from _inference_families(pools)

@@ -65,6 +65,8 @@ class Proxy:
         self.models: ModelsEndpoint | None = None  # answers GET /v1/models when configured
         self.mirrors: Mirrors | None = None
         self.idle = asyncio.Event()  # set while draining once no request is in flight
+        # Responses by route name and status class; kept across reloads (counters only grow).
+        self.route_responses: dict[str, list[int]] = {}
 
     def swap(self, router: Router, pools: dict[str, Pool]) -> None:
         """Install a new routing table; requests in flight finish on the old one."""
@@ -96,6 +98,7 @@ class Proxy:
             if has_body and router.needs_model(req):
                 await self._read_body_fields(req, info, strict=True)
             route = router.match(req, info.model)
+            req.route = route.name
             pool = route.choose_pool(self.rng)
             if has_body and pool.strategy.needs_body and info.prompt is None and info.model is None:
                 await self._read_body_fields(req, info, strict=False)
@@ -132,7 +135,14 @@ class Proxy:
             if pool is not None:
                 stats = pool.stats
                 stats.inference.count_model(self._model_of(req, info))
-                stats.responses_by_class[min(req.status // 100, 5)] += 1
+                code_class = min(req.status // 100, 5)
+                stats.responses_by_class[code_class] += 1
+                route_name = req.route
+                if route_name is not None:
+                    by_route = self.route_responses.get(route_name)
+                    if by_route is None:
+                        by_route = self.route_responses[route_name] = [0] * 6
+                    by_route[code_class] += 1
                 stats.duration.observe(duration_s)
                 if req.ttfb_s >= 0.0:
                     stats.ttfb.observe(req.ttfb_s)
@@ -158,6 +168,7 @@ class Proxy:
             (req.request_id or b"").decode("latin-1"),
             req.method.decode("latin-1"),
             req.path.decode("latin-1"),
+            req.route,
             pool.name if pool is not None else None,
             req.backend_name,
             req.status,

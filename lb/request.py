@@ -45,6 +45,7 @@ class IncomingRequest:
         "request_id",
         "response_reusable",
         "response_started",
+        "route",
         "started_s",
         "status",
         "ttfb_s",
@@ -76,6 +77,7 @@ class IncomingRequest:
         self.attempts = 0
         self.backend_name: str | None = None  # the backend of the last attempt
         self.decision = ""  # "strategy: why", for the decision header
+        self.route: str | None = None  # the name of the route that matched
 
     @property
     def path(self) -> bytes:

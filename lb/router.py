@@ -24,6 +24,7 @@ class Route:
     """One routing rule; ``headers`` names are lower case and compared exactly on value."""
 
     pool: Pool
+    name: str = "default"
     path_prefix: bytes = b"/"
     headers: tuple[tuple[bytes, bytes], ...] = ()
     methods: frozenset[bytes] | None = None

@@ -26,6 +26,7 @@ FIELDS = {
     "request_id",
     "method",
     "path",
+    "route",
     "pool",
     "backend",
     "status",
@@ -79,6 +80,7 @@ async def test_a_request_produces_one_line_with_every_field(backends, start_prox
         "request_id": "req-42",
         "method": "POST",
         "path": "/v1/chat",
+        "route": "default",
         "pool": "chat",
         "backend": "b0",
         "status": 200,
@@ -113,13 +115,25 @@ async def test_an_unrouted_request_is_logged_as_no_route(backends, start_proxy):
         assert resp.status == 404
     (line,) = _lines(app, buf)
     assert (line["status"], line["outcome"], line["path"]) == (404, "no_route", "/other")
-    assert (line["pool"], line["backend"], line["attempts"], line["bytes_in"]) == (
-        None,
-        None,
-        0,
-        0,
-    )
+    assert (line["route"], line["pool"], line["backend"], line["attempts"]) == (None, None, None, 0)
+    assert line["bytes_in"] == 0
     assert line["bytes_out"] > 0
+
+
+async def test_the_route_is_logged_by_its_name_or_its_index(backends, start_proxy):
+    """A named route is logged under its name, an unnamed one as route-<index>."""
+    (b0,) = await backends(1)
+    routes = [
+        {"name": "chat-api", "path_prefix": "/v1/chat", "pool": "chat"},
+        {"path_prefix": "/", "pool": "chat"},
+    ]
+    app = await start_proxy(proxy_config([pool("chat", [b0])], routes=routes))
+    buf = _capture(app)
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v1/chat/completions", "/health"):
+            async with s.get(url(app, path)) as resp:
+                assert resp.status == 200
+    assert [line["route"] for line in _lines(app, buf)] == ["chat-api", "route-1"]
 
 
 async def test_a_refused_backend_is_logged_as_502_after_every_try(start_proxy):

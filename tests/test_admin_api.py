@@ -268,7 +268,7 @@ async def test_routes_lists_the_routing_table(backends, start_proxy):
     b0, b1 = await backends(2)
     routes = [
         {"path_prefix": "/v1/", "pool": "chat", "methods": ["post"], "auth": {"api_keys": ["k"]}},
-        {"path_prefix": "/", "pool": "embed", "headers": {"X-Model": "e5"}},
+        {"name": "embeddings", "path_prefix": "/", "pool": "embed", "headers": {"X-Model": "e5"}},
     ]
     app = await start_proxy(proxy_config([pool("chat", [b0]), pool("embed", [b1])], routes=routes))
     status, body = await _get(app, "/api/v1/routes")
@@ -276,6 +276,7 @@ async def test_routes_lists_the_routing_table(backends, start_proxy):
     assert body == {
         "routes": [
             {
+                "name": "route-0",
                 "pool": "chat",
                 "path_prefix": "/v1/",
                 "headers": {},
@@ -283,6 +284,7 @@ async def test_routes_lists_the_routing_table(backends, start_proxy):
                 "requires_api_key": True,
             },
             {
+                "name": "embeddings",
                 "pool": "embed",
                 "path_prefix": "/",
                 "headers": {"x-model": "e5"},

@@ -246,6 +246,14 @@ def test_duplicate_pool_name_is_an_error(tmp_path: Path) -> None:
     assert str(error).endswith("config.yaml: pools[1].name: duplicate pool name 'chat'")
 
 
+def test_duplicate_route_name_is_an_error(tmp_path: Path) -> None:
+    """A route named like an unnamed route's default name is refused at the second one."""
+    routes = "routes:\n  - {path_prefix: /v1, pool: chat}\n  - {name: route-0, pool: chat}\n"
+    error = load_error(tmp_path, ONE_POOL + routes)
+    assert error.key == "routes[1].name"
+    assert error.reason.startswith("duplicate route name 'route-0'")
+
+
 def test_duplicate_backend_url_is_an_error(tmp_path: Path) -> None:
     """The same backend twice in a pool, even spelt differently, is refused."""
     error = load_error(tmp_path, ONE_POOL + "      - url: HTTP://127.0.0.1:8001/\n")

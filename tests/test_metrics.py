@@ -251,6 +251,22 @@ async def test_a_scrape_counts_requests_by_pool_status_class_and_backend(backend
     assert value(text, "lb_build_info", version=lb.__version__) == 1
 
 
+async def test_a_scrape_counts_requests_by_route_name_and_status_class(backends, start_proxy):
+    """Requests are counted under the route that took them: its name, else route-<index>."""
+    (b0,) = await backends(1)
+    routes = [{"name": "statuses", "path_prefix": "/status/", "pool": "chat"}, {"pool": "chat"}]
+    config = proxy_config([pool("chat", [b0], retry={"max_retries": 0})], routes=routes)
+    app = await start_proxy(config)
+    async with aiohttp.ClientSession() as s:
+        for path in ["/status/200"] * 3 + ["/status/503", "/other"]:
+            async with s.get(url(app, path)) as resp:
+                await resp.read()
+        text = await scrape(s, app)
+    assert value(text, "lb_route_requests_total", route="statuses", code_class="2xx") == 3
+    assert value(text, "lb_route_requests_total", route="statuses", code_class="5xx") == 1
+    assert value(text, "lb_route_requests_total", route="route-1", code_class="2xx") == 1
+
+
 async def test_a_retried_503_counts_once_for_the_client_and_once_per_attempt_upstream(
     backends, start_proxy
 ):
