@@ -174,15 +174,14 @@ class App:
         self.admin_port = port or int(self._admin.addresses[0][1])
 
     def _install_inference_features(self, config: Config) -> None:
-        """GET /v1/models answered by the proxy when models are named; mirroring."""
+        """GET /v1/models answered by the proxy (the union of its pools' models); mirroring."""
         proxy = self.proxy
         assert proxy is not None
         configured = configured_models(config)
-        if any(configured.values()):
-            if proxy.models is None:
-                proxy.models = ModelsEndpoint(configured, lambda: proxy.pools)
-            else:
-                proxy.models.configured = configured
+        if proxy.models is None:
+            proxy.models = ModelsEndpoint(configured, lambda: proxy.pools)
+        else:
+            proxy.models.configured = configured
         if proxy.mirrors is None and any(r.mirror is not None for r in config.routes):
             proxy.mirrors = Mirrors()
 

@@ -44,6 +44,17 @@ class ModelNotFound(ProxyError):
         self.model = model
 
 
+class ModelMissing(ProxyError):
+    """A route matches on the model, and the request's JSON body names none."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "model_missing"
+
+    def __init__(self) -> None:
+        super().__init__("you must provide a model parameter")
+
+
 class RequestTimeout(ProxyError):
     status = 408
     type = "request_timeout"
@@ -115,11 +126,11 @@ class UpstreamTimeout(UpstreamError):
 def error_body(err: ProxyError) -> bytes:
     """The stable JSON error shape: ``{"error": {"type", "message", "pool"}}``.
 
-    A model that is not served also carries OpenAI's ``code`` and ``param``, so OpenAI SDKs
-    raise their usual NotFoundError.
+    A model that is not served, or not named, also carries OpenAI's ``code`` and ``param``, so
+    OpenAI SDKs raise their usual NotFoundError or BadRequestError.
     """
     error: dict[str, object] = {"type": err.type, "message": err.message, "pool": err.pool}
-    if isinstance(err, ModelNotFound):
+    if isinstance(err, ModelNotFound | ModelMissing):
         error["code"] = err.code
         error["param"] = "model"
     return json.dumps({"error": error}, separators=(",", ":")).encode()

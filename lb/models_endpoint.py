@@ -2,8 +2,8 @@
 
 A pool's models come from its configuration (``models``, and the ``model`` matchers of the
 routes to it); for a pool that names none, from its backends' own ``/v1/models``, asked of
-one available backend and cached for ``CACHE_S``. Active only when some model is named in
-the configuration; otherwise ``/v1/models`` is forwarded like any request.
+one available backend and cached for ``CACHE_S``. ``GET /v1/models/{id}`` answers one model of
+that union, or 404 in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from urllib.parse import unquote
 
 import aiohttp
 
 from lb.backend import Backend
 from lb.downstream import ClientConnection
+from lb.errors import ModelNotFound
 from lb.pool import Pool
 from lb.request import IncomingRequest
 from lb.tls import aiohttp_tls
@@ -26,6 +28,10 @@ log = logging.getLogger("lb.models")
 
 CACHE_S = 30.0
 FETCH_TIMEOUT_S = 2.0
+
+
+def _model(model: str, pool: str, created: int) -> dict[str, object]:
+    return {"id": model, "object": "model", "created": created, "owned_by": f"lb:{pool}"}
 
 
 class ModelsEndpoint:
@@ -40,7 +46,10 @@ class ModelsEndpoint:
         self._session: aiohttp.ClientSession | None = None
 
     def answers(self, req: IncomingRequest) -> bool:
-        return req.method == b"GET" and req.path == b"/v1/models"
+        if req.method != b"GET":
+            return False
+        path = req.path
+        return path == b"/v1/models" or path.startswith(b"/v1/models/")
 
     async def answer(self, client: ClientConnection, req: IncomingRequest) -> None:
         names: dict[str, str] = {}  # model -> owning pool, first wins
@@ -49,14 +58,18 @@ class ModelsEndpoint:
             for model in models:
                 names.setdefault(model, pool_name)
         now = int(time.time())
-        body = {
-            "object": "list",
-            "data": [
-                {"id": model, "object": "model", "created": now, "owned_by": f"lb:{pool}"}
-                for model, pool in names.items()
-            ],
-        }
-        client.answer(req, 200, json.dumps(body).encode())
+        wanted = req.path[len(b"/v1/models/") :]
+        if not wanted:
+            body = {
+                "object": "list",
+                "data": [_model(model, pool, now) for model, pool in names.items()],
+            }
+            client.answer(req, 200, json.dumps(body).encode())
+            return
+        model = unquote(wanted.decode("utf-8", "replace"))
+        if model not in names:
+            raise ModelNotFound(model)
+        client.answer(req, 200, json.dumps(_model(model, names[model], now)).encode())
 
     async def _discover(self, pool: Pool) -> list[str]:
         cached = self._cache.get(pool.name)

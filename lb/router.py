@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lb.client_auth import ClientKeys, Unauthorized
-from lb.errors import ModelNotFound, NoRoute
+from lb.errors import ModelMissing, ModelNotFound, NoRoute
 from lb.pool import Pool
 from lb.request import IncomingRequest
 from lb.retry import RetryPolicy
@@ -104,6 +104,9 @@ class Router:
         for route in self.routes:
             if route.matches(req) and (route.models is None or model in route.models):
                 return route
-        if model is not None and self.needs_model(req):
-            raise ModelNotFound(model)
+        if self.needs_model(req):
+            if model is not None:
+                raise ModelNotFound(model)
+            if req.chunked or req.content_length:
+                raise ModelMissing()  # a body that names no model, on a route that needs one
         raise NoRoute(f"no route for {req.method.decode()} {req.path.decode(errors='replace')}")

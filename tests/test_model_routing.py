@@ -216,18 +216,53 @@ async def test_v1_models_asks_the_backends_of_a_pool_that_names_no_models(sim, s
     assert phi.requests_by_path["/v1/models"] == 1
 
 
-async def test_v1_models_is_forwarded_like_any_request_when_no_model_is_configured(
+async def test_v1_models_is_the_union_of_the_backends_lists_when_no_model_is_configured(
+    sim, start_proxy
+):
+    """With no model named anywhere in the configuration, the proxy still answers
+    ``/v1/models``: every pool's backends are asked, and the answer is their union."""
+    qwen, phi = await sim("qwen"), await sim("phi")
+    app = await start_proxy(proxy_config([pool("q", [qwen]), pool("p", [phi])]))
+    async with aiohttp.ClientSession() as s:
+        status, got = await list_models(s, app)
+    assert status == 200
+    assert {m["id"]: m["owned_by"] for m in got["data"]} == {"qwen": "lb:q", "phi": "lb:p"}
+
+
+async def test_one_model_is_retrieved_by_its_id_and_an_unknown_one_is_an_openai_404(
     backends, start_proxy
 ):
-    """Without any model named in the configuration, ``/v1/models`` goes to a backend."""
+    """``GET /v1/models/{id}`` (the SDKs' models.retrieve) answers from the same union."""
     (b0,) = await backends(1)
-    app = await start_proxy(proxy_config([pool("a", [b0])]))
-    async with aiohttp.ClientSession() as s, s.get(url(app, "/v1/models")) as resp:
-        assert resp.status == 200
-        assert resp.headers["x-lb-backend"] == "b0"
-        got = await resp.json()
-    assert got["path"] == "/v1/models"
-    assert b0.hits == 1
+    app = await start_proxy(proxy_config([pool("a", [b0], models=["org/llama-3"])]))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(app, "/v1/models/org/llama-3")) as resp:
+            assert resp.status == 200
+            got = await resp.json()
+        async with s.get(url(app, "/v1/models/nope")) as resp:
+            assert resp.status == 404
+            error = (await resp.json())["error"]
+    assert (got["id"], got["object"], got["owned_by"]) == ("org/llama-3", "model", "lb:a")
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    assert b0.hits == 0
+
+
+async def test_a_body_naming_no_model_on_a_model_route_is_an_openai_400(backends, start_proxy):
+    """A JSON body without ``model`` where only model routes match: 400, nothing forwarded."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("a", [b0]), pool("b", [b1])], routes=MODEL_ROUTES))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url(app, CHAT), json={"messages": [{"role": "user", "content": "hi"}]}) as resp,
+    ):
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "model_missing",
+        "model",
+    )
+    assert (b0.hits, b1.hits) == (0, 0)
 
 
 async def test_a_body_over_the_inspect_limit_on_a_model_route_is_a_413(backends, start_proxy):

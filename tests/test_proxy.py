@@ -188,7 +188,7 @@ async def test_a_backend_that_refuses_connections_gives_502_json(backends, start
     app = await start_proxy(
         proxy_config([{"name": "chat", "backends": [{"url": f"http://127.0.0.1:{dead}"}]}])
     )
-    async with aiohttp.ClientSession() as s, s.get(url(app, "/v1/models")) as resp:
+    async with aiohttp.ClientSession() as s, s.get(url(app, "/v1/completions")) as resp:
         assert resp.status == 502
         assert resp.headers["content-type"] == "application/json"
         got = await resp.json()
