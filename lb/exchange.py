@@ -237,15 +237,19 @@ class Exchange:
             self._meter.on_end()
         self._resolve(None)
 
-    def _status_error(self) -> UpstreamStatus:
+    def retry_after_s(self) -> float | None:
+        """The response's ``Retry-After`` in seconds, if it has a valid one."""
         retry_after = None
         for name, value in self._headers:
             if name.lower() == b"retry-after":
                 retry_after = parse_retry_after(value, time.time())
+        return retry_after
+
+    def _status_error(self) -> UpstreamStatus:
         return UpstreamStatus(
             f"backend {self.attempt.backend.name} answered {self.status}",
             status=self.status,
-            retry_after_s=retry_after,
+            retry_after_s=self.retry_after_s(),
         )
 
     def _is_event_stream(self) -> bool:

@@ -380,6 +380,12 @@ class Proxy:
                 finally:
                     exchange.close()
                 status = exchange.status
+                if error is None and status in (429, 503):
+                    # Passed on to the client (no retry took it): the backend still asked for
+                    # a pause, and gets it.
+                    retry_after_s = exchange.retry_after_s()
+                    if retry_after_s is not None:
+                        pool.hold(backend, min(retry_after_s, policy.retry_after_max_s))
                 if error is not None and exchange.stale and req.body.can_replay:
                     conn = None  # the pooled connection was dead: replay on a fresh one
                     continue

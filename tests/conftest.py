@@ -127,7 +127,10 @@ def _make_app(state: dict[str, TestBackend]) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         me(request).hits += 1
         code = int(request.match_info["code"])
-        return web.json_response({"status": code}, status=code)
+        headers = {}
+        if "retry_after" in request.query:
+            headers["Retry-After"] = request.query["retry_after"]
+        return web.json_response({"status": code}, status=code, headers=headers)
 
     async def health(request: web.Request) -> web.Response:
         b = me(request)

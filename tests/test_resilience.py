@@ -25,6 +25,7 @@ import yaml
 from backends.sim import SimServer, start_sim
 from lb.app import App
 from lb.pool import Pool
+from tests import conftest
 from tests.conftest import free_port, pool, proxy_config, url
 from tests.resilience_load import (
     WAIT_S,
@@ -687,3 +688,24 @@ async def test_sigterm_under_load_finishes_queued_and_streaming_requests_then_ex
     assert result.failed == 0, result.failures
     assert exit_code == 0
     assert [s.engine.max_running_seen for s in backends] == [2, 2]
+
+
+async def test_a_503_with_retry_after_holds_its_backend_out_even_without_retries(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """With retries off the client gets the backend's 503 and Retry-After, and the backend
+    still takes no new request until then."""
+    b0, b1 = await backends(2)
+    config = proxy_config([pool("chat", [b0, b1], retry={"max_retries": 0})])
+    app = await start_proxy(config)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url(app, "/status/503?retry_after=30")) as resp:
+            assert (resp.status, resp.headers["retry-after"]) == (503, "30")
+            held = resp.headers["x-lb-backend"]
+        served = []
+        for _ in range(6):
+            async with session.get(url(app, "/echo")) as resp:
+                assert resp.status == 200
+                served.append(resp.headers["x-lb-backend"])
+    assert held not in served
