@@ -227,11 +227,33 @@ class ClientConnection(asyncio.Protocol):
                     raise self._callback_error
                 req.chunked = True
             elif lname == b"host":
+                if req.host is not None:  # RFC 9112 section 3.2: refused, not guessed at
+                    self._callback_error = BadRequest("more than one Host header")
+                    raise self._callback_error
                 req.host = value
             elif lname == b"expect":
                 req.expect_continue = value.strip().lower() == b"100-continue"
             elif lname == rid_name:
                 req.request_id = value
+        url = req.url
+        if url[:1] != b"/" and (url[:7].lower() == b"http://" or url[:8].lower() == b"https://"):
+            # Absolute form (RFC 9112 section 3.2.2): its authority is the host, and the rest
+            # is the path every route and backend sees.
+            after = url.partition(b"://")[2]
+            end = len(after)
+            for sep in (b"/", b"?"):
+                at = after.find(sep)
+                if 0 <= at < end:
+                    end = at
+            path = after[end:]
+            req.url = path if path.startswith(b"/") else b"/" + path
+            req.host = authority = after[:end]
+            headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+            headers.append((b"Host", authority))  # what the backend is asked for
+            req.headers = headers
+        elif req.host is None and req.version == "1.1":
+            self._callback_error = BadRequest("an HTTP/1.1 request needs a Host header")
+            raise self._callback_error
         has_body = req.chunked or bool(req.content_length)
         if parser.should_upgrade():
             # CONNECT tunnels are not offered. A WebSocket handshake is forwarded, and becomes

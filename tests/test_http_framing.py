@@ -301,6 +301,50 @@ async def test_two_different_content_lengths_are_refused(backends, start_proxy):
     assert backend.hits == 0
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /nohost HTTP/1.1\r\n\r\n",
+        b"GET /twohosts HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ],
+    ids=["no Host", "two Host headers"],
+)
+async def test_an_http11_request_without_exactly_one_host_gets_400(backends, start_proxy, head):
+    """RFC 9112 section 3.2: no Host, or more than one, is a JSON 400 that reaches no backend."""
+    backend, app = await start(backends, start_proxy)
+    async with connect(app) as client:
+        await client.send(head)
+        resp = await client.response()
+    assert_json_error(resp, 400, "bad_request")
+    assert backend.hits == 0
+
+
+async def test_an_http10_request_without_host_is_served(backends, start_proxy):
+    backend, app = await start(backends, start_proxy)
+    raw = await raw_exchange(app.port, b"GET /old HTTP/1.0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert backend.hits == 1
+
+
+async def test_an_absolute_form_target_is_routed_by_its_path_with_its_authority_as_host(
+    backends, start_proxy
+):
+    """``GET http://authority/path`` matches routes on ``/path``; the backend sees the path."""
+    (b0,) = await backends(1)
+    routes = [{"path_prefix": "/v1/", "pool": "chat"}]
+    app = await start_proxy(proxy_config([pool("chat", [b0])], routes=routes))
+    raw = await raw_exchange(
+        app.port,
+        b"GET http://models.example:8080/v1/x?q=1 HTTP/1.1\r\nHost: other\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), raw
+    echoed = json.loads(body)
+    assert echoed["path"] == "/v1/x?q=1"
+    assert ["Host", "models.example:8080"] in echoed["headers"]
+
+
 async def test_headers_over_max_header_bytes_get_431(backends, start_proxy):
     """A request line and headers larger than ``max_header_bytes`` get 431 and reach no
     backend."""
