@@ -29,7 +29,7 @@ from lb.errors import (
     RequestTimeout,
     error_body,
 )
-from lb.http1 import status_line
+from lb.http1 import normalize_target, status_line
 from lb.request import IncomingRequest, ListenerLimits
 from lb.timers import Deadline
 from lb.tunnel import TUNNEL_HOLD_BYTES, TunnelPeer, websocket_upgrade
@@ -254,6 +254,9 @@ class ClientConnection(asyncio.Protocol):
         elif req.host is None and req.version == "1.1":
             self._callback_error = BadRequest("an HTTP/1.1 request needs a Host header")
             raise self._callback_error
+        # Routes (and their API keys) match the normalized path, and the backend gets the
+        # same: /%70rivate or /a/../private cannot slip past a route for /private.
+        req.url = normalize_target(req.url)
         has_body = req.chunked or bool(req.content_length)
         if parser.should_upgrade():
             # CONNECT tunnels are not offered. A WebSocket handshake is forwarded, and becomes

@@ -7,6 +7,7 @@ back as they were received.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 Headers = list[tuple[bytes, bytes]]
@@ -62,3 +63,58 @@ def last_chunk(trailers: Headers) -> bytes:
     if not trailers:
         return LAST_CHUNK
     return b"0\r\n" + b"".join(b"%b: %b\r\n" % kv for kv in trailers) + CRLF
+
+
+# Percent-encoded octets of unreserved characters, decoded by normalization (RFC 3986 2.3).
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_NEEDS_NORMALIZING = re.compile(rb"%|/\.|//")
+
+
+def normalize_target(url: bytes) -> bytes:
+    """The request target with its path normalized, its query untouched.
+
+    As Envoy's ``normalize_path`` and ``merge_slashes`` do: percent-encoded unreserved
+    characters are decoded (RFC 3986 section 6.2.2.2; ``%2F`` stays encoded), dot segments are
+    removed (section 5.2.4) and runs of slashes merged, so that ``/%70rivate``, ``/a/../private``
+    and ``//private`` are all ``/private`` for route matching and for the backend alike.
+    """
+    if _NEEDS_NORMALIZING.search(url) is None:  # the common case: nothing to do
+        return url
+    path, question, query = url.partition(b"?")
+    if not path.startswith(b"/") or _NEEDS_NORMALIZING.search(path) is None:
+        return url
+    if path.find(b"%") >= 0:
+        path = _decode_unreserved(path)
+    out: list[bytes] = []
+    segments = path.split(b"/")
+    for segment in segments[1:-1]:
+        if segment == b"..":
+            if out:
+                out.pop()
+        elif segment and segment != b".":
+            out.append(segment)
+    last = segments[-1]
+    if last == b"..":
+        if out:
+            out.pop()
+        last = b""
+    elif last == b".":
+        last = b""
+    out.append(last)
+    return b"/" + b"/".join(out) + question + query
+
+
+def _decode_unreserved(path: bytes) -> bytes:
+    pieces = path.split(b"%")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        code = piece[:2]
+        try:
+            byte = int(code, 16) if len(code) == 2 else -1
+        except ValueError:
+            byte = -1
+        if byte in _UNRESERVED:
+            out.append(bytes((byte,)) + piece[2:])
+        else:
+            out.append(b"%" + piece)
+    return b"".join(out)

@@ -4,6 +4,7 @@ the backend (unless ``forward_key``), keys from the environment, and keys kept o
 from __future__ import annotations
 
 import io
+import json
 import logging
 from typing import Any
 
@@ -253,3 +254,23 @@ async def test_the_proxys_model_list_needs_the_key_its_routes_need(backends, sta
         async with s.get(url(app, "/v1/models"), headers={"api-key": KEY}) as resp:
             assert resp.status == 200
             assert [m["id"] for m in (await resp.json())["data"]] == ["m1"]
+
+
+@pytest.mark.parametrize(
+    "path", [b"/open/../v1/echo", b"/%6fpen/x/../../v1/echo", b"/open/%2e%2e/v1/echo"]
+)
+async def test_a_path_that_normalizes_onto_a_guarded_route_needs_its_key(
+    backends, start_proxy, path
+):
+    """Dot segments and encoded letters are resolved before routes match (raw bytes on the
+    wire, no client library to tidy them): a path that looks like the open route but is the
+    guarded one needs the key, reaches no backend without it, and the backend sees it tidied."""
+    (b0,) = await backends(1)
+    app = await start_proxy(_config([b0]))
+    head = b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" % path
+    refused = await raw_exchange(app.port, head + b"\r\n")
+    assert refused.startswith(b"HTTP/1.1 401 "), refused
+    assert b0.hits == 0
+    served = await raw_exchange(app.port, head + b"Authorization: Bearer %s\r\n\r\n" % KEY.encode())
+    assert served.startswith(b"HTTP/1.1 200 "), served
+    assert json.loads(served.partition(b"\r\n\r\n")[2])["path"] == "/v1/echo"

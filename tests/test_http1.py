@@ -1,0 +1,48 @@
+"""Request-target normalization: what routes match and what backends are asked for."""
+
+from __future__ import annotations
+
+import pytest
+
+from lb.http1 import normalize_target
+
+
+@pytest.mark.parametrize(
+    ("target", "normalized"),
+    [
+        (b"/v1/chat/completions", b"/v1/chat/completions"),
+        (b"/v1/chat?x=1", b"/v1/chat?x=1"),
+        (b"/%70rivate", b"/private"),
+        (b"/%7Euser", b"/~user"),
+        (b"/x/../private", b"/private"),
+        (b"/a/./b/../c", b"/a/c"),
+        (b"/%2e%2e/private", b"/private"),
+        (b"/..", b"/"),
+        (b"/a/..", b"/"),
+        (b"/a/b/.", b"/a/b/"),
+        (b"//private", b"/private"),
+        (b"/a//b///c/", b"/a/b/c/"),
+        (b"/a/b/", b"/a/b/"),
+    ],
+)
+def test_a_path_is_normalized_as_envoy_normalize_path_and_merge_slashes_do(
+    target: bytes, normalized: bytes
+) -> None:
+    assert normalize_target(target) == normalized
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/a%2Fb",  # an encoded slash is data, not a separator
+        b"/a%20b",  # a reserved or other character stays encoded
+        b"/%zz",
+        b"/%4",
+        b"*",
+        b"/v1?next=/../x//y%41",  # the query is never touched
+    ],
+)
+def test_what_is_not_an_unreserved_escape_dot_segment_or_repeated_slash_is_kept(
+    target: bytes,
+) -> None:
+    assert normalize_target(target) == target
