@@ -39,6 +39,7 @@ class Exchange:
         "_inference",
         "_meter",
         "_out",
+        "_pool_name",
         "_retry_statuses",
         "_settings",
         "_tunnel",
@@ -65,6 +66,7 @@ class Exchange:
         idle_timeout_s: float | None,
         retry_statuses: frozenset[int] = frozenset(),
         inference: InferenceStats | None = None,
+        pool_name: str | None = None,
     ) -> None:
         self.client = client
         self.req = req
@@ -88,6 +90,7 @@ class Exchange:
         self._meter: ResponseMeter | None = None
         self._tunnel = False  # a WebSocket tunnel: bytes relayed both ways until one side ends
         self._awaiting_token = False  # a stream whose first token is still to come
+        self._pool_name = pool_name  # for errors the client reads before the attempt ends
 
     def start(self, head: bytes) -> None:
         """Write the request head and the body held so far; stream the rest as it comes."""
@@ -258,6 +261,8 @@ class Exchange:
     def _end_stream_with_error(self, error: ProxyError) -> None:
         """A started SSE response that breaks gets an ``error`` event before the cut."""
         if self.req.response_started and not self._discard and self._is_event_stream():
+            if error.pool is None:
+                error.pool = self._pool_name
             payload = error_body(error)
             event = b"event: error\ndata: %s\n\n" % payload
             self._out.append(chunk(event) if self._chunked else event)

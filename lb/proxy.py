@@ -373,6 +373,7 @@ class Proxy:
                     idle_timeout_s=timeouts.idle_s,
                     retry_statuses=retry_statuses,
                     inference=pool.stats.inference,
+                    pool_name=pool.name,
                 )
                 exchange.start(self._head(client, req, backend))
                 try:
@@ -390,7 +391,7 @@ class Proxy:
                     conn = None  # the pooled connection was dead: replay on a fresh one
                     continue
                 break
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled (the client left), or a bug: the slot is freed anyway
             attempt.finish(abandoned=True)
             pool.attempt_ended(backend, failed=False, observed=False)
             raise

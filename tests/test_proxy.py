@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from lb.downstream import ClientConnection
+from lb.exchange import Exchange
 from lb.upstream import UpstreamConnection
 from tests.conftest import free_port, pool, proxy_config, raw_exchange, url
 
@@ -423,3 +424,23 @@ async def test_a_request_with_bad_framing_never_crashes_the_proxy(backends, star
     assert out.startswith(b"HTTP/1.1 400 ")
     async with aiohttp.ClientSession() as s, s.get(url(app, "/")) as resp:
         assert resp.status == 200
+
+
+async def test_a_fault_inside_an_attempt_answers_500_and_frees_the_backends_slot(
+    backends, start_proxy, monkeypatch, caplog
+):
+    """Should the proxy's own code fail mid-attempt (a bug, injected here), the client gets a
+    JSON 500, the error is logged, and the backend's in-flight count does not leak."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+
+    def broken_start(self: Exchange, head: bytes) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Exchange, "start", broken_start)
+    async with aiohttp.ClientSession() as s, s.get(url(app, "/echo")) as resp:
+        assert resp.status == 500
+        assert (await resp.json())["error"]["type"] == "internal_error"
+    assert "injected fault" in caplog.text
+    assert app.proxy is not None
+    assert app.proxy.pools["chat"].backends[0].in_flight == 0

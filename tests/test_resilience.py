@@ -460,7 +460,8 @@ async def stream_outcome(port: int, max_tokens: int) -> Outcome:
             return Outcome(True, backend)
         return Outcome(False, backend, f"complete without [DONE]: {resp.body[-200:]!r}")
     _, marker, tail = resp.body.rpartition(b"event: error\ndata: ")
-    if marker and tail.endswith(b"\n\n") and json.loads(tail).get("error", {}).get("type"):
+    error = json.loads(tail).get("error", {}) if marker and tail.endswith(b"\n\n") else {}
+    if error.get("type") and error.get("pool"):  # the pool is named, as in every error
         return Outcome(False, backend, "error event, then cut")
     return Outcome(False, backend, f"cut without an error event: {resp.body[-200:]!r}")
 
