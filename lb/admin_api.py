@@ -48,6 +48,10 @@ class Control(Protocol):
 
     async def reload(self) -> bool: ...
 
+    @property
+    def last_reload_error(self) -> str | None:
+        """Why the last refused reload was refused."""
+
 
 CONTROL_KEY: web.AppKey[Control] = web.AppKey("control")
 
@@ -303,11 +307,19 @@ async def set_weight(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    ok = await _control(request).reload()
-    if not ok:
-        return _error(400, "invalid_config", "reload refused; the running config is unchanged "
-                      "(the reason is in the log)")  # fmt: skip
+    control = _control(request)
+    if not await control.reload():
+        return reload_refused(control.last_reload_error)
     return web.json_response({"reloaded": True})
+
+
+def reload_refused(reason: str | None) -> web.Response:
+    """400 for a config file that would not load: the running config is kept."""
+    return _error(
+        400,
+        "invalid_config",
+        f"reload refused; the running config is unchanged: {reason or 'see the log'}",
+    )
 
 
 def add_routes(app: web.Application, control: Control) -> None:

@@ -78,6 +78,7 @@ class App:
         self.health_checkers: dict[str, HealthChecker] = {}
         self.load_reporters: dict[str, LoadReporter] = {}
         self.reloads = ReloadStats(last_success_epoch_s=time.time())
+        self.last_reload_error: str | None = None  # why the last refused reload was refused
         self.started_epoch_s = time.time()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -225,6 +226,7 @@ class App:
             router = build_router(config, pools)
         except ConfigError as exc:
             self.reloads.failed += 1
+            self.last_reload_error = str(exc)
             for line in str(exc).splitlines():
                 log.error("reload refused, keeping the running config: %s", line)
             return False

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from lb import __version__
 from lb.admin import healthz, openapi, static_file  # the handlers a single proxy's listener uses
-from lb.admin_api import CONTROL_KEY, Control, mutating
+from lb.admin_api import CONTROL_KEY, Control, mutating, reload_refused
 from lb.config import Config
 from lb.worker_merge import (
     WORKER_LABEL,
@@ -243,8 +243,9 @@ async def reload(request: web.Request) -> web.Response:
     fleet = request.app[FLEET_KEY]
     config = fleet.validate()
     if config is None:
-        return _error(400, "invalid_config", "reload refused; the running config is unchanged "
-                      "(the reason is in the log)")  # fmt: skip
+        # Each worker is asked too: it refuses the same file and counts the failed reload.
+        await _ask_all(request, "POST", "/api/v1/reload", b"")
+        return reload_refused(fleet.last_reload_error)
     answers = await _ask_all(request, "POST", "/api/v1/reload", b"")
     if any(200 <= a.status < 300 for a in answers):
         fleet.accepted(config)

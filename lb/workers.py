@@ -132,6 +132,7 @@ class Supervisor:
         self.log_level = log_level
         self.members = [Member(i) for i in range(count)]
         self.overrides = Overrides()
+        self.last_reload_error: str | None = None  # why the last refused reload was refused
         self.draining = False
         self.started_epoch_s = time.time()
         # The workers check and scrape the backends; the supervisor's admin API asks them.
@@ -157,6 +158,7 @@ class Supervisor:
             for pool in build_pools(config, self.source).values():
                 pool.close()
         except ConfigError as exc:
+            self.last_reload_error = str(exc)
             for line in str(exc).splitlines():
                 log.error("reload refused, keeping the running config: %s", line)
             return None

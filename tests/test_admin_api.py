@@ -532,6 +532,12 @@ INVALID_FILES: dict[str, Callable[[dict[str, Any]], str]] = {
         {**config, "listen": {"host": "127.0.0.1", "port": free_port()}}
     ),
 }
+# What the 400 says of each: the key and the reason, as start-up would.
+INVALID_REASONS = {
+    "bad YAML": "invalid YAML",
+    "route to a missing pool": "routes[0].pool: no pool named 'nope'",
+    "moved listener": "listen: listeners cannot change on reload",
+}
 
 
 @pytest.mark.parametrize("invalid", list(INVALID_FILES))
@@ -548,6 +554,7 @@ async def test_reload_of_an_invalid_file_is_400_and_changes_nothing(
     status, body = await _post(app, "/api/v1/reload")
     assert status == 400
     assert body["error"]["type"] == "invalid_config"
+    assert INVALID_REASONS[invalid] in body["error"]["message"]
     assert _snapshot(await _state(app)) == before_state
     assert await _get(app, "/api/v1/config") == before_config
     assert await _served_by(app, 3) == {"b0": 3}

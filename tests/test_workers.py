@@ -224,6 +224,31 @@ async def test_sighup_reload_reaches_every_worker(
     await until(both_use_b1, "both workers sending requests to the new backend")
 
 
+async def test_a_refused_reload_says_why_and_every_worker_counts_it(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]], run_fleet: Any
+) -> None:
+    """An invalid file reloaded through the supervisor's API: 400 naming the key, and each
+    worker's ``lb_config_reloads_total{result="failure"}`` counts it."""
+    (b0,) = await backends(1)
+    config = proxy_config([pool("chat", [b0])])
+    fleet = await run_fleet(config)
+    fleet.path.write_text(yaml.safe_dump({**config, "routes": [{"pool": "nope"}]}))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(fleet.admin("/api/v1/reload"), headers=ADMIN_AUTH) as resp:
+            assert resp.status == 400
+            assert "routes[0].pool" in (await resp.json())["error"]["message"]
+        async with s.get(fleet.admin("/metrics")) as resp:
+            text = await resp.text()
+    failures = {
+        sample.labels["worker"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "lb_config_reloads"
+        for sample in family.samples
+        if sample.labels.get("result") == "failure" and "worker" in sample.labels
+    }
+    assert failures == {"0": 1.0, "1": 1.0}
+
+
 async def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(
     backends: Callable[[int], Awaitable[list[conftest.TestBackend]]], run_fleet: Any
 ) -> None:
