@@ -38,12 +38,20 @@ TASK_NAME = "lb-request"
 
 log = logging.getLogger("lb.downstream")
 
+# After an answer to a request whose body is still coming, the client's bytes are read and
+# dropped this long before the connection closes (see ClientConnection.close_lingering).
+LINGER_S = 2.0
+
 # Reasons the client's reading is paused; reading resumes when none is left.
-PAUSE_PIPELINE = 1  # a pipelined request waits for the one before it
+PAUSE_PIPELINE = 1  # pipelined requests wait, and PIPELINE_HOLD_BYTES more are held
 PAUSE_BODY_HELD = 2  # body bytes wait for an upstream connection
 PAUSE_UPSTREAM = 4  # the backend is not reading the body as fast as the client sends it
 PAUSE_TUNNEL = 8  # bytes after a WebSocket handshake wait for the backend's answer
 
+
+# Bytes read and held unparsed behind a waiting pipelined request. Reading goes on until then,
+# so that a client that leaves is noticed: a paused socket does not report its close.
+PIPELINE_HOLD_BYTES = 64 << 10
 
 # Stands in for the parser of a connection that is closed: never fed (data_received returns
 # first), it only lets the closed connection drop its own parser and the cycle through it.
@@ -73,6 +81,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: IncomingRequest | None = None
         self._current: IncomingRequest | None = None
         self._queue: deque[IncomingRequest] = deque()
+        self._pipeline_held = bytearray()  # read behind a queued request, not parsed yet
         self._task: asyncio.Task[None] | None = None
         # One deadline for the header timeout and the keep-alive idle timeout (never both).
         self._deadline = Deadline(self.loop, self._on_header_timeout)
@@ -109,6 +118,12 @@ class ClientConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.on_client_data(data)
             return
+        if self._queue:
+            held = self._pipeline_held
+            held += data
+            if len(held) > PIPELINE_HOLD_BYTES:
+                self._pause_reading(PAUSE_PIPELINE)
+            return
         try:
             self._parser.feed_data(data)
             if self._parsing is not None and not self._headers_done:
@@ -138,6 +153,7 @@ class ClientConnection(asyncio.Protocol):
         self.handler.connections.discard(self)
         self._deadline.cancel()
         self._queue.clear()
+        self._pipeline_held.clear()
         self._tunnel_held = None
         if self._tunnel is not None:
             self._tunnel.on_client_closed()  # the normal end of a tunnel, not an abandonment
@@ -183,13 +199,15 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._parsing
         assert req is not None
-        if self._headers_done:
-            req.body.trailers.append((name, value))
-            return
+        # Trailer fields count against the same limit as the head: they are held until the
+        # body ends, so without it a chunked body could end in an endless trailer section.
         self._header_bytes += len(name) + len(value) + 4  # _count_header_bytes, inline
         if self._header_bytes > self.limits.max_header_bytes:
             self._callback_error = self._header_limit_error()
             raise self._callback_error
+        if self._headers_done:
+            req.body.trailers.append((name, value))
+            return
         req.headers.append((name, value))
 
     def _count_header_bytes(self, n: int) -> None:
@@ -289,7 +307,6 @@ class ClientConnection(asyncio.Protocol):
             self._start(req)
         else:
             self._queue.append(req)
-            self._pause_reading(PAUSE_PIPELINE)
 
     def on_body(self, data: bytes) -> None:
         req = self._parsing
@@ -362,14 +379,21 @@ class ClientConnection(asyncio.Protocol):
             and req.body.complete
             and not self.handler.draining
         ):
-            self.close()
+            if req.body.complete:
+                self.close()
+            else:
+                self.close_lingering()
             return
         self._resume_reading(PAUSE_BODY_HELD | PAUSE_UPSTREAM)
         if self._queue:
             nxt = self._queue.popleft()
+            self._start(nxt)
             if not self._queue:
                 self._resume_reading(PAUSE_PIPELINE)
-            self._start(nxt)
+                held = bytes(self._pipeline_held)
+                self._pipeline_held.clear()
+                if held:
+                    self.data_received(held)
         elif self._parsing is None:
             self._deadline.set_in(self.limits.keepalive_timeout_s)
         else:
@@ -436,6 +460,22 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def close_lingering(self) -> None:
+        """Close after an answer while the client may still be sending its body: end the
+        writing side, then read and drop what arrives for up to ``LINGER_S``. Closing at once
+        would make the kernel answer the unread bytes with a reset, which destroys the answer
+        before the client has read it (nginx's lingering close)."""
+        if self.closed:
+            return
+        self.closed = True  # nothing more is parsed or answered: data_received drops it all
+        transport = self.transport
+        if self._pause:
+            self._pause = 0
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(LINGER_S, transport.close)
+
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
@@ -445,16 +485,17 @@ class ClientConnection(asyncio.Protocol):
         """The input is unusable: answer ``err`` if nothing else is being answered, then close."""
         self._pause_reading(PAUSE_PIPELINE)
         self._queue.clear()
+        self._pipeline_held.clear()
         current = self._current
         if current is None:
             self.answer_error(None, err)
-            self.close()
+            self.close_lingering()
         elif current is self._parsing:
             # The failing input is the body of the request being answered.
             if self._task is not None:
                 self._task.cancel()
             self.answer_error(current, err)
-            self.close()
+            self.close_lingering()
         else:
             # A later pipelined request is bad: finish the current one, then close.
             current.keep_alive = False

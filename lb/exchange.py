@@ -14,7 +14,14 @@ import asyncio
 import time
 
 from lb.downstream import ClientConnection
-from lb.errors import ProxyError, UpstreamFailed, UpstreamStatus, UpstreamTimeout, error_body
+from lb.errors import (
+    ProxyError,
+    RequestTimeout,
+    UpstreamFailed,
+    UpstreamStatus,
+    UpstreamTimeout,
+    error_body,
+)
 from lb.forwarding import ForwardingSettings, response_head
 from lb.http1 import Headers, chunk, last_chunk
 from lb.inference import InferenceStats, ResponseMeter
@@ -305,7 +312,15 @@ class Exchange:
     def on_deadline(self) -> None:
         """No response head within the headers timeout, or a gap longer than the idle one."""
         if not self.status:
+            stalled = self._client_stalled()
             self.conn.abort()
+            if stalled:
+                self._resolve(
+                    RequestTimeout(
+                        f"the request body did not arrive within {self._headers_timeout_s:g}s"
+                    )
+                )
+                return
             self._resolve(
                 UpstreamTimeout(
                     f"backend {self.attempt.backend.name} sent no response headers "
@@ -329,6 +344,16 @@ class Exchange:
         )
         self._end_stream_with_error(error)
         self._resolve(error)
+
+    def _client_stalled(self) -> bool:
+        """True if the backend has every body byte the client sent and the body is unfinished:
+        the backend waits for the client, so a missing answer is not the backend's failure."""
+        transport = self.conn.transport
+        return (
+            not self.req.body.complete
+            and transport is not None
+            and not transport.get_write_buffer_size()
+        )
 
     def _resolve(self, result: ProxyError | None) -> None:
         if not self.done.done():

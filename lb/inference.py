@@ -95,7 +95,9 @@ class InferenceStats:
         self.requests_by_model: dict[str, int] = {}
 
     def count_model(self, model: str | None) -> None:
-        label = model if model is not None else "unknown"
+        # A JSON body may name a model with a lone surrogate ("\ud800"), which no UTF-8 text
+        # can hold: as a label it would make every later /metrics scrape fail.
+        label = model.encode("utf-8", "replace").decode() if model is not None else "unknown"
         counts = self.requests_by_model
         if label not in counts and len(counts) >= MAX_MODELS:
             label = "other"

@@ -65,6 +65,8 @@ def parse_body(data: bytes) -> BodyFields:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than the interpreter's stack: not a request body
+        raise ValueError("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ValueError("request body is not a JSON object")
     model = body.get("model")

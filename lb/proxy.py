@@ -23,6 +23,7 @@ from lb.errors import (
     BadRequest,
     NoBackendAvailable,
     ProxyError,
+    RequestTimeout,
     UpstreamError,
     UpstreamStatus,
     UpstreamUnreachable,
@@ -395,6 +396,11 @@ class Proxy:
             attempt.finish(abandoned=True)
             pool.attempt_ended(backend, failed=False, observed=False)
             raise
+        if isinstance(error, RequestTimeout):
+            # The client stopped sending its body: that tells nothing about the backend.
+            attempt.finish(abandoned=True)
+            pool.attempt_ended(backend, failed=False, observed=False)
+            raise error
         attempt.finish(failed=error is not None and not isinstance(error, UpstreamStatus))
         outliers = pool.outliers
         failed = (error is not None and not isinstance(error, UpstreamStatus)) or (

@@ -228,7 +228,11 @@ class UpstreamConnection(asyncio.Protocol):
             if self._complete:
                 self._broken = True  # garbage after a complete response: do not reuse
             else:
-                self._fail(sink, UpstreamFailed(f"invalid HTTP response from backend: {exc}"))
+                # An error raised by a callback below is what httptools raised this one from.
+                cause = exc.__context__
+                if not isinstance(cause, UpstreamFailed):
+                    cause = UpstreamFailed(f"invalid HTTP response from backend: {exc}")
+                self._fail(sink, cause)
                 return
         if self.sink is sink:
             sink.flush()
@@ -300,6 +304,10 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None:
                 sink.on_response_head(status, self._headers, FRAMING_NONE, False)
             return
+        if status < 100:
+            # llhttp takes any three digits. Taken for an interim response, such an answer's
+            # body would reach the client ahead of any response head.
+            raise UpstreamFailed(f"invalid HTTP response from backend: status {status}")
         if status < 200:
             return  # 1xx interim response: llhttp parses the final one next
         self._final = True
