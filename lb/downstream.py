@@ -27,6 +27,7 @@ from lb.errors import (
     NotImplementedByProxy,
     ProxyError,
     RequestTimeout,
+    VersionNotSupported,
     error_body,
 )
 from lb.http1 import normalize_target, status_line
@@ -229,6 +230,11 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()
+        if req.version != "1.1" and req.version != "1.0":
+            self._callback_error = VersionNotSupported(
+                f"HTTP/{req.version} is not spoken here: HTTP/1.1 and HTTP/1.0 are"
+            )
+            raise self._callback_error
         req.keep_alive = parser.should_keep_alive()
         rid_name = self.limits.request_id_header
         for name, value in req.headers:

@@ -75,6 +75,11 @@ class MethodNotAllowed(ProxyError):
     type = "method_not_allowed"
 
 
+class VersionNotSupported(ProxyError):
+    status = 505
+    type = "http_version_not_supported"
+
+
 class NotImplementedByProxy(ProxyError):
     """A request feature the proxy does not support (a transfer coding, a protocol upgrade)."""
 

@@ -681,3 +681,13 @@ async def test_large_request_body_reaches_backend_intact(backends, start_proxy):
     assert resp.status == 200
     assert resp.json()["body_len"] == len(BIG_BODY)
     assert resp.json()["body_sha256"] == hashlib.sha256(BIG_BODY).hexdigest()
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+async def test_a_request_line_of_another_http_version_gets_505(backends, start_proxy, version):
+    """Only HTTP/1.1 and 1.0 are spoken: another version is a JSON 505 reaching no backend."""
+    backend, app = await start(backends, start_proxy)
+    raw = await raw_exchange(app.port, b"GET /v %s\r\nHost: t\r\n\r\n" % version)
+    assert raw.startswith(b"HTTP/1.1 505 "), raw
+    assert b'"http_version_not_supported"' in raw
+    assert backend.hits == 0
