@@ -323,6 +323,12 @@ class UpstreamConnection(asyncio.Protocol):
             elif lname == b"content-length":
                 length = True
             elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # Another coding (gzip...) would be re-framed and lose its meaning.
+                    raise UpstreamFailed(
+                        "backend used transfer coding "
+                        f"{value.decode('latin-1')!r}, which is not supported"
+                    )
                 chunked = True
         self.content_type = content_type
         if self._head_request or status in (204, 304):

@@ -680,6 +680,36 @@ async def test_a_batch_of_hostile_clients_leaves_the_proxy_serving_with_nothing_
 # -- a backend status below 100 is invalid HTTP, not an interim response ----------------------
 
 
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked"])
+async def test_a_response_transfer_coding_other_than_chunked_is_a_502(
+    start_proxy: StartProxy, coding: bytes
+) -> None:
+    """Re-framed without its coding, such a body would reach the client as garbage."""
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n\x1f\x8bgz" % coding)
+        await writer.drain()
+        await reader.read()  # until the proxy drops the connection
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        backend = RawBackend(port=server.sockets[0].getsockname()[1])
+        app = await start_proxy(proxy_config([raw_pool(backend)]))
+        raw = await exchange(app.port, GET)
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    (resp,) = parse_responses(raw)
+    assert_json_error(resp, 502, "backend_error")
+
+
 @pytest.mark.parametrize("status", [b"000", b"099"])
 async def test_a_status_below_100_gets_a_502_and_its_body_never_reaches_the_client(
     start_proxy: StartProxy, status: bytes
