@@ -11,7 +11,7 @@ from importlib import resources
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from lb.admin_api import Control, add_routes
+from lb.admin_api import Control, add_routes, json_errors, to_dashboard
 from lb.openapi import spec
 
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -63,7 +63,7 @@ def static_file(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 def make_admin_app(
     registry: CollectorRegistry, ready: Callable[[], bool], control: Control
 ) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app[REGISTRY_KEY] = registry
     app[READY_KEY] = ready
     app.router.add_get("/metrics", metrics)
@@ -71,6 +71,8 @@ def make_admin_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/dashboard", static_file("dashboard.html"))
+    app.router.add_get("/dashboard/", to_dashboard)
+    app.router.add_get("/", to_dashboard)
     app.router.add_get("/dashboard/dashboard.js", static_file("dashboard.js"))
     app.router.add_get("/dashboard/dashboard.css", static_file("dashboard.css"))
     add_routes(app, control)

@@ -185,6 +185,25 @@ def _error(status: int, type_: str, message: str) -> web.Response:
     return web.json_response({"error": {"type": type_, "message": message}}, status=status)
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 404 and 405 (an unknown path or method) in the API's JSON shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "error")
+        response = _error(exc.status, kind, f"{exc.reason}: {request.method} {request.path}")
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "")
+        return response
+
+
+async def to_dashboard(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/dashboard")
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -277,6 +296,19 @@ async def get_config(request: web.Request) -> web.Response:
     return web.json_response(redact(_control(request).config.model_dump(mode="json")))
 
 
+async def get_backends(request: web.Request) -> web.Response:
+    pool = _pool(request)
+    control = _control(request)
+    return web.json_response(
+        {"pool": pool.name, "backends": [backend_state(b, pool, control) for b in pool.backends]}
+    )
+
+
+async def get_backend(request: web.Request) -> web.Response:
+    pool, backend = _backend(request)
+    return web.json_response(backend_state(backend, pool, _control(request)))
+
+
 async def drain(request: web.Request) -> web.Response:
     pool, backend = _backend(request)
     backend.drained = True
@@ -329,6 +361,8 @@ def add_routes(app: web.Application, control: Control) -> None:
     r.add_get("/api/v1/pools", get_pools)
     r.add_get("/api/v1/pools/{pool}", get_pool)
     r.add_get("/api/v1/pools/{pool}/decisions", get_decisions)
+    r.add_get("/api/v1/pools/{pool}/backends", get_backends)
+    r.add_get("/api/v1/pools/{pool}/backends/{backend}", get_backend)
     r.add_get("/api/v1/routes", get_routes)
     r.add_get("/api/v1/config", get_config)
     base = "/api/v1/pools/{pool}/backends/{backend}"

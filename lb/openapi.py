@@ -172,6 +172,31 @@ def spec() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"}), "404": _NOT_FOUND},
                 }
             },
+            "/api/v1/pools/{pool}/backends": {
+                "get": {
+                    "summary": "The pool's backends and their live state.",
+                    "parameters": [_POOL_PARAM],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "pool": {"type": "string"},
+                                    "backends": {"type": "array", "items": _REF_BACKEND},
+                                },
+                            }
+                        ),
+                        "404": _NOT_FOUND,
+                    },
+                }
+            },
+            "/api/v1/pools/{pool}/backends/{backend}": {
+                "get": {
+                    "summary": "One backend and its live state.",
+                    "parameters": [_POOL_PARAM, _BACKEND_PARAM],
+                    "responses": {"200": _json(_REF_BACKEND), "404": _NOT_FOUND},
+                }
+            },
             "/api/v1/routes": {
                 "get": {
                     "summary": "The routing table.",

@@ -24,12 +24,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from lb import __version__
 from lb.admin import healthz, openapi, static_file  # the handlers a single proxy's listener uses
-from lb.admin_api import CONTROL_KEY, Control, mutating, reload_refused
+from lb.admin_api import (
+    CONTROL_KEY,
+    Control,
+    json_errors,
+    mutating,
+    reload_refused,
+    to_dashboard,
+)
 from lb.config import Config
 from lb.worker_merge import (
     WORKER_LABEL,
     Json,
     merge_backend,
+    merge_backends,
     merge_decisions,
     merge_metrics,
     merge_pool,
@@ -303,7 +311,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def make_fleet_admin_app(fleet: Fleet, session: aiohttp.ClientSession) -> web.Application:
     """The supervisor's admin app; ``session`` reaches the workers' private listeners."""
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app[FLEET_KEY] = fleet
     app[SESSION_KEY] = session
     app[CONTROL_KEY] = fleet  # what `mutating` reads the admin token from
@@ -313,12 +321,19 @@ def make_fleet_admin_app(fleet: Fleet, session: aiohttp.ClientSession) -> web.Ap
     r.add_get("/readyz", readyz)
     r.add_get("/openapi.json", openapi)
     r.add_get("/dashboard", static_file("dashboard.html"))
+    r.add_get("/dashboard/", to_dashboard)
+    r.add_get("/", to_dashboard)
     r.add_get("/dashboard/dashboard.js", static_file("dashboard.js"))
     r.add_get("/dashboard/dashboard.css", static_file("dashboard.css"))
     r.add_get("/api/v1/state", get_state)
     r.add_get("/api/v1/pools", get_pools)
     r.add_get("/api/v1/pools/{pool}", _merge_found(merge_pool))
     r.add_get("/api/v1/pools/{pool}/decisions", _merge_found(merge_decisions))
+    r.add_get("/api/v1/pools/{pool}/backends", _merge_found(merge_backends))
+    r.add_get(
+        "/api/v1/pools/{pool}/backends/{backend}",
+        _merge_found(lambda parts: merge_backend([b for _, b in parts])),
+    )
     r.add_get("/api/v1/routes", from_one_worker)
     r.add_get("/api/v1/config", from_one_worker)
     r.add_post(

@@ -135,6 +135,18 @@ def merge_pools(parts: Sequence[tuple[int, list[Json]]]) -> list[Json]:
     return [merge_pool(same) for same in by_name.values()]
 
 
+def merge_backends(parts: Sequence[tuple[int, Json]]) -> Json:
+    """A pool's backend list from each worker: each backend merged over the workers."""
+    by_name: dict[str, list[Json]] = {}
+    for _, answer in parts:
+        for b in answer["backends"]:
+            by_name.setdefault(b["name"], []).append(b)
+    return {
+        "pool": parts[0][1]["pool"],
+        "backends": [merge_backend(same) for same in by_name.values()],
+    }
+
+
 def merge_decisions(parts: Sequence[tuple[int, Json]]) -> Json:
     """A pool's routing decisions from each worker, newest first."""
     return {

@@ -711,3 +711,37 @@ def test_an_admin_listener_off_loopback_accepts_a_token_in_the_file(monkeypatch)
     raw = _public_admin_config()
     raw["admin"]["token"] = TOKEN
     assert parse_config(raw, "test").admin.token == TOKEN
+
+
+async def test_a_pools_backends_are_listed_and_one_is_read_by_its_name(backends, start_proxy):
+    """GET .../backends lists the pool's backends, GET .../backends/{name} shows one; both
+    with the same fields as the pool's own state."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1])]))
+    status, listed = await _get(app, "/api/v1/pools/chat/backends")
+    assert status == 200
+    assert [b["name"] for b in listed["backends"]] == ["b0", "b1"]
+    status, one = await _get(app, "/api/v1/pools/chat/backends/b1")
+    assert status == 200
+    assert one == _backend(await _state(app), "chat", "b1") | {
+        k: one[k] for k in VOLATILE_BACKEND_FIELDS if k in one
+    }
+    status, missing = await _get(app, "/api/v1/pools/chat/backends/nope")
+    assert (status, missing["error"]["type"]) == (404, "not_found")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/nothing-here", "/nope"])
+async def test_an_unknown_admin_path_is_a_json_404(backends, start_proxy, path):
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    status, body = await _get(app, path)
+    assert (status, body["error"]["type"]) == (404, "not_found")
+
+
+async def test_the_admin_root_leads_to_the_dashboard(backends, start_proxy):
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    async with aiohttp.ClientSession() as s:
+        for path in ("/", "/dashboard/"):
+            async with s.get(admin(app, path), allow_redirects=False) as resp:
+                assert (resp.status, resp.headers["Location"]) == (302, "/dashboard")

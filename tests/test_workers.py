@@ -200,6 +200,10 @@ async def test_a_drain_through_the_supervisor_reaches_every_worker(
     assert set(served) == {"b1"}
     assert (b0.hits, b1.hits) == (0, 100)
     assert set(await requests_by_worker(fleet)) == {"0", "1"}
+    status, b1_merged = await _get_json(fleet.admin("/api/v1/pools/chat/backends/b1"))
+    assert (status, b1_merged["drained"], b1_merged["requests_total"]) == (200, False, 100)
+    status, listed = await _get_json(fleet.admin("/api/v1/pools/chat/backends"))
+    assert [(b["name"], b["drained"]) for b in listed["backends"]] == [("b0", True), ("b1", False)]
 
 
 async def test_sighup_reload_reaches_every_worker(
