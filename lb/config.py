@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -399,6 +400,46 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A reference as it stands in the file, before any YAML parsing.
+_RAW_REFERENCE = re.compile(r"(?<!\$)\$\{[^}\n]*\}")
+
+
+def _load_yaml(text: str) -> Any:
+    """The YAML tree of ``text``. A ``${VAR}`` in a flow mapping (``{port: ${PORT}}``) reads
+    as YAML's own braces: if the file does not parse, it is read again with every reference
+    held in a plain token, then given back, so expansion still runs on the parsed values."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
+    except yaml.YAMLError as error:
+        prefix = f"lbref{secrets.token_hex(4)}x"
+        references: dict[str, str] = {}
+
+        def hold(match: re.Match[str]) -> str:
+            token = f"{prefix}{len(references)}x"
+            references[token] = match.group(0)
+            return token
+
+        shielded = _RAW_REFERENCE.sub(hold, text)
+        if not references:
+            raise
+        try:
+            data = yaml.load(shielded, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError:
+            raise error from None
+        token = re.compile(re.escape(prefix) + r"\d+x")
+        return _restore(data, lambda s: token.sub(lambda m: references[m.group(0)], s))
+
+
+def _restore(node: Any, fix: Callable[[str], str]) -> Any:
+    if isinstance(node, str):
+        return fix(node)
+    if isinstance(node, dict):
+        return {_restore(k, fix): _restore(v, fix) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_restore(v, fix) for v in node]
+    return node
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, expand and validate the YAML file at ``path``; raises :class:`ConfigError`."""
     source = os.fspath(path)
@@ -410,7 +451,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(source, "", f"file is not UTF-8 text: {exc}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
+        data = _load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -175,6 +175,24 @@ def test_env_value_is_coerced_to_the_field_type(
     assert config.listen.port == 9000
 
 
+def test_an_unquoted_reference_inside_a_flow_mapping_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``{port: ${PORT}}`` is not YAML's nested braces: it reads as the variable's value."""
+    monkeypatch.setenv("LB_TEST_PORT", "9000")
+    monkeypatch.setenv("LB_TEST_HOST", "10.0.0.7")
+    text = ONE_POOL + "listen: {host: ${LB_TEST_HOST}, port: ${LB_TEST_PORT}}\n"
+    config = load_config(write(tmp_path, text))
+    assert (config.listen.host, config.listen.port) == ("10.0.0.7", 9000)
+
+
+def test_a_file_that_is_no_yaml_with_or_without_references_names_its_first_error(
+    tmp_path: Path,
+) -> None:
+    error = load_error(tmp_path, ONE_POOL + "listen: {port: ${LB_TEST_PORT}, : [\n")
+    assert error.reason.startswith("invalid YAML at line")
+
+
 def test_double_dollar_escapes_a_literal_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """``$${`` yields a literal ``${`` and is not expanded."""
     monkeypatch.setenv("X", "expanded")
