@@ -382,6 +382,16 @@ class Proxy:
                 finally:
                     exchange.close()
                 status = exchange.status
+                if error is None and status >= 500:
+                    # The backend's own error, passed on: listed with the proxy's errors.
+                    self._record_error(
+                        pool,
+                        req,
+                        backend,
+                        UpstreamStatus(
+                            f"backend answered {status}", status=status, retry_after_s=None
+                        ),
+                    )
                 if error is None and status in (429, 503):
                     # Passed on to the client (no retry took it): the backend still asked for
                     # a pause, and gets it.

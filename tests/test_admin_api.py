@@ -745,3 +745,16 @@ async def test_the_admin_root_leads_to_the_dashboard(backends, start_proxy):
         for path in ("/", "/dashboard/"):
             async with s.get(admin(app, path), allow_redirects=False) as resp:
                 assert (resp.status, resp.headers["Location"]) == (302, "/dashboard")
+
+
+async def test_a_backends_own_5xx_is_listed_among_the_pools_recent_errors(backends, start_proxy):
+    """A 500 the backend answered (passed on, no retry) shows in recent errors with its
+    backend and status, next to the errors the proxy makes itself."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0], retry={"max_retries": 0})]))
+    async with aiohttp.ClientSession() as s, s.get(url(app, "/status/500")) as resp:
+        assert resp.status == 500
+    status, chat = await _get(app, "/api/v1/pools/chat")
+    assert status == 200
+    (error,) = chat["recent_errors"]
+    assert (error["backend"], error["status"], error["type"]) == ("b0", 500, "backend_status")
