@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from lb.config import Config, ConfigError, RouteConfig, host_port, load_config
+from lb.config import Config, ConfigError, RouteConfig, host_port, load_config, route_name
 
 DEFAULT_CONFIG = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -39,8 +39,8 @@ def summary(config: Config, source: str) -> str:
         for backend in pool.backends:
             name = (backend.name or "").ljust(width)
             lines.append(f"  {name}  {backend.url}  weight {backend.weight}")
-    for route in config.routes:
-        lines.append(f"route {_describe(route)} -> {route.pool}")
+    for i, route in enumerate(config.routes):
+        lines.append(f"route {route_name(route.name, i)}: {_describe(route)} -> {route.pool}")
     if not config.routes:
         lines.append(f"no routes: every request goes to pool {config.pools[0].name}")
     if config.workers != 1:

@@ -33,7 +33,7 @@ listen 127.0.0.1:8080, admin 127.0.0.1:9901
 pool chat (least_connections): 2 backends
   127.0.0.1:8001  http://127.0.0.1:8001  weight 1
   127.0.0.1:8002  http://127.0.0.1:8002  weight 2
-route /v1/ -> chat
+route route-0: /v1/ -> chat
 """
 
 ONE_POOL = """\
