@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
-import secrets
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -19,7 +17,6 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import ErrorDetails
-from yaml.constructor import ConstructorError
 
 from lb.config_models import (
     Admin,
@@ -36,6 +33,7 @@ from lb.config_models import (
     host_port,
 )
 from lb.config_ops import LOOPBACK_HOSTS, AccessLog, ClientAuth
+from lb.config_yaml import expand, read_yaml
 
 __all__ = [
     "AccessLog",
@@ -250,35 +248,11 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     return problems
 
 
-# `$${` is a literal `${`; `${NAME}` or `${NAME:-default}` is a reference; any other `${`
-# is malformed.
-_REFERENCE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
-
-
-def _expand(text: str) -> str:
-    def replace(match: re.Match[str]) -> str:
-        whole, name, default = match.group(0), match.group(1), match.group(2)
-        if whole == "$${":
-            return "${"
-        if name is None:
-            raise ValueError("malformed ${...} reference (write $${ for a literal ${)")
-        value = os.environ.get(name)
-        if default is not None:
-            return value or default  # like the shell's ${VAR:-default}: unset or empty
-        if value is None:
-            raise ValueError(
-                f"environment variable {name} is not set (use ${{{name}:-default}} for a default)"
-            )
-        return value
-
-    return _REFERENCE.sub(replace, text)
-
-
 def _interpolate(node: Any, key: str, source: str) -> Any:
     """A copy of the parsed tree with references expanded in every string value (not keys)."""
     if isinstance(node, str):
         try:
-            return _expand(node)
+            return expand(node)
         except ValueError as exc:
             raise ConfigError(source, key, str(exc)) from None
     if isinstance(node, dict):
@@ -383,63 +357,6 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     return config
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:  # unhashable; SafeConstructor reports it below
-                continue
-            if duplicate:
-                raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-# A reference as it stands in the file, before any YAML parsing.
-_RAW_REFERENCE = re.compile(r"(?<!\$)\$\{[^}\n]*\}")
-
-
-def _load_yaml(text: str) -> Any:
-    """The YAML tree of ``text``. A ``${VAR}`` in a flow mapping (``{port: ${PORT}}``) reads
-    as YAML's own braces: if the file does not parse, it is read again with every reference
-    held in a plain token, then given back, so expansion still runs on the parsed values."""
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
-    except yaml.YAMLError as error:
-        prefix = f"lbref{secrets.token_hex(4)}x"
-        references: dict[str, str] = {}
-
-        def hold(match: re.Match[str]) -> str:
-            token = f"{prefix}{len(references)}x"
-            references[token] = match.group(0)
-            return token
-
-        shielded = _RAW_REFERENCE.sub(hold, text)
-        if not references:
-            raise
-        try:
-            data = yaml.load(shielded, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError:
-            raise error from None
-        token = re.compile(re.escape(prefix) + r"\d+x")
-        return _restore(data, lambda s: token.sub(lambda m: references[m.group(0)], s))
-
-
-def _restore(node: Any, fix: Callable[[str], str]) -> Any:
-    if isinstance(node, str):
-        return fix(node)
-    if isinstance(node, dict):
-        return {_restore(k, fix): _restore(v, fix) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_restore(v, fix) for v in node]
-    return node
-
-
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, expand and validate the YAML file at ``path``; raises :class:`ConfigError`."""
     source = os.fspath(path)
@@ -451,7 +368,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(source, "", f"file is not UTF-8 text: {exc}") from None
     try:
-        data = _load_yaml(text)
+        data = read_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
