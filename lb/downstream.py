@@ -280,7 +280,9 @@ class ClientConnection(asyncio.Protocol):
             raise self._callback_error
         # Routes (and their API keys) match the normalized path, and the backend gets the
         # same: /%70rivate or /a/../private cannot slip past a route for /private.
-        req.url = normalize_target(req.url)
+        url = req.url
+        if url.find(b"/.") >= 0 or url.find(b"//") >= 0 or url.find(b"%") >= 0:
+            req.url = normalize_target(url)
         has_body = req.chunked or bool(req.content_length)
         if parser.should_upgrade():
             # CONNECT tunnels are not offered. A WebSocket handshake is forwarded, and becomes

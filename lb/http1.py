@@ -78,8 +78,6 @@ def normalize_target(url: bytes) -> bytes:
     removed (section 5.2.4) and runs of slashes merged, so that ``/%70rivate``, ``/a/../private``
     and ``//private`` are all ``/private`` for route matching and for the backend alike.
     """
-    if _NEEDS_NORMALIZING.search(url) is None:  # the common case: nothing to do
-        return url
     path, question, query = url.partition(b"?")
     if not path.startswith(b"/") or _NEEDS_NORMALIZING.search(path) is None:
         return url

@@ -95,10 +95,14 @@ class InferenceStats:
         self.requests_by_model: dict[str, int] = {}
 
     def count_model(self, model: str | None) -> None:
+        label = model if model is not None else "unknown"
+        counts = self.requests_by_model
+        if label in counts:  # the common case: a model seen before
+            counts[label] += 1
+            return
         # A JSON body may name a model with a lone surrogate ("\ud800"), which no UTF-8 text
         # can hold: as a label it would make every later /metrics scrape fail.
-        label = model.encode("utf-8", "replace").decode() if model is not None else "unknown"
-        counts = self.requests_by_model
+        label = label.encode("utf-8", "replace").decode()
         if label not in counts and len(counts) >= MAX_MODELS:
             label = "other"
         counts[label] = counts.get(label, 0) + 1

@@ -85,7 +85,8 @@ class Proxy:
         try:
             if self.router.any_auth:
                 self.router.authorize_early(req)  # before any body is read or answer made
-            if self.models is not None and self.models.answers(req):
+            models = self.models
+            if models is not None and req.url.startswith(b"/v1/models") and models.answers(req):
                 await self.models.answer(client, req)
                 return
             # Routing, inline: the body is awaited only when routing needs what it says.
