@@ -9,6 +9,7 @@ fresh connection; a larger body is streamed through without a copy and cannot be
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -33,6 +34,7 @@ class RequestBody:
         "_waiter",
         "chunked",
         "complete",
+        "fed_at_s",
         "hold_bytes",
         "max_bytes",
         "replay_bytes",
@@ -59,6 +61,7 @@ class RequestBody:
         self.complete = complete
         self.replayable = True
         self.size = 0
+        self.fed_at_s = time.monotonic()  # when the last body byte (or the head) came
         self.sink: BodyWriter | None = None
         self.trailers: Headers = []
         self._chunks: list[bytes] = []
@@ -82,6 +85,7 @@ class RequestBody:
     def feed(self, data: bytes) -> None:
         """Take a chunk from the client; raises :class:`BodyTooLarge` past ``max_bytes``."""
         self.size += len(data)
+        self.fed_at_s = time.monotonic()
         if self.size > self.max_bytes:
             raise BodyTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
         sink = self.sink

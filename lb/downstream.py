@@ -90,6 +90,10 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._head_raw_bytes = 0
         self._headers_done = False
+        # Bytes of reads that carried no body byte since the head (chunk lines, trailers):
+        # bounded like the head, since llhttp also holds an unfinished line there.
+        self._framing_raw_bytes = 0
+        self._body_seen = False
         self._callback_error: ProxyError | None = None
         self._last_parsed: IncomingRequest | None = None  # the last request fully read
         # A WebSocket handshake waiting for the backend: bytes the client sent after it.
@@ -126,13 +130,27 @@ class ClientConnection(asyncio.Protocol):
                 self._pause_reading(PAUSE_PIPELINE)
             return
         try:
+            self._body_seen = False
             self._parser.feed_data(data)
-            if self._parsing is not None and not self._headers_done:
+            if self._parsing is not None:
                 # llhttp buffers a header line until it ends, so callbacks alone cannot bound
-                # a never-ending line: count what arrived while the head is still unfinished.
-                self._head_raw_bytes += len(data)
-                if self._head_raw_bytes > self.limits.max_header_bytes:
-                    self._fail(self._header_limit_error())
+                # a never-ending line: count what arrived while the head is still unfinished,
+                # and after it, reads without a body byte (a chunk line, trailers).
+                if not self._headers_done:
+                    self._head_raw_bytes += len(data)
+                    if self._head_raw_bytes > self.limits.max_header_bytes:
+                        self._fail(self._header_limit_error())
+                elif self._body_seen:
+                    self._framing_raw_bytes = 0
+                else:
+                    self._framing_raw_bytes += len(data)
+                    if self._framing_raw_bytes > self.limits.max_header_bytes:
+                        self._fail(
+                            HeadersTooLarge(
+                                "a chunk line or the trailers exceed "
+                                f"{self.limits.max_header_bytes} bytes"
+                            )
+                        )
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             last = self._last_parsed
@@ -187,6 +205,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = IncomingRequest()
         self._header_bytes = 0
         self._head_raw_bytes = 0
+        self._framing_raw_bytes = 0
         self._headers_done = False
         if self._current is None:
             self._deadline.set_in(self.limits.header_timeout_s)
@@ -319,6 +338,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         req = self._parsing
         assert req is not None
+        self._body_seen = True
         try:
             req.body.feed(data)
         except BodyTooLarge as exc:

@@ -30,6 +30,9 @@ from lb.request import IncomingRequest
 from lb.retry import parse_retry_after
 from lb.upstream import FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
+# A body with no byte for this long (or the whole timeout, if shorter) has stalled.
+STALL_QUIET_S = 5.0
+
 
 class Exchange:
     """Relays one response from ``conn`` to ``client`` for ``req``."""
@@ -315,10 +318,9 @@ class Exchange:
             stalled = self._client_stalled()
             self.conn.abort()
             if stalled:
+                quiet_s = time.monotonic() - self.req.body.fed_at_s
                 self._resolve(
-                    RequestTimeout(
-                        f"the request body did not arrive within {self._headers_timeout_s:g}s"
-                    )
+                    RequestTimeout(f"the request body stopped: no byte of it for {quiet_s:.1f}s")
                 )
                 return
             self._resolve(
@@ -346,13 +348,18 @@ class Exchange:
         self._resolve(error)
 
     def _client_stalled(self) -> bool:
-        """True if the backend has every body byte the client sent and the body is unfinished:
-        the backend waits for the client, so a missing answer is not the backend's failure."""
+        """True if the body is unfinished, the backend has every byte of it the client sent,
+        and none came for a while (the timeout, at most 5 s): the backend waits for the
+        client, so a missing answer is not the backend's failure. A client still sending, to a
+        backend that hangs, is not stalled."""
+        body = self.req.body
         transport = self.conn.transport
+        quiet_s = min(self._headers_timeout_s or STALL_QUIET_S, STALL_QUIET_S)
         return (
-            not self.req.body.complete
+            not body.complete
             and transport is not None
             and not transport.get_write_buffer_size()
+            and time.monotonic() - body.fed_at_s >= quiet_s * 0.99
         )
 
     def _resolve(self, result: ProxyError | None) -> None:

@@ -87,7 +87,7 @@ class Proxy:
                 self.router.authorize_early(req)  # before any body is read or answer made
             models = self.models
             if models is not None and req.url.startswith(b"/v1/models") and models.answers(req):
-                await self.models.answer(client, req)
+                await models.answer(client, req)
                 return
             # Routing, inline: the body is awaited only when routing needs what it says.
             info = RequestInfo(
@@ -393,9 +393,10 @@ class Proxy:
                             f"backend answered {status}", status=status, retry_after_s=None
                         ),
                     )
-                if error is None and status in (429, 503):
+                if error is None and status == 503:
                     # Passed on to the client (no retry took it): the backend still asked for
-                    # a pause, and gets it.
+                    # a pause, and gets it. Not a 429, often one tenant's quota, not the
+                    # server's state (a retried 429 with Retry-After still holds it).
                     retry_after_s = exchange.retry_after_s()
                     if retry_after_s is not None:
                         pool.hold(backend, min(retry_after_s, policy.retry_after_max_s))

@@ -96,6 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._broken = False
         self._got_bytes = False
         self._head_bytes = 0
+        self._framing_bytes = 0  # of reads without a body byte after the head: see data_received
+        self._body_seen = False
         self._head_request = False
         self._close_delimited = False
         self._keep_alive = False
@@ -215,6 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
                 self._fail(sink, UpstreamFailed("backend response headers are too large"))
                 return
+        self._body_seen = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -234,6 +237,17 @@ class UpstreamConnection(asyncio.Protocol):
                     cause = UpstreamFailed(f"invalid HTTP response from backend: {exc}")
                 self._fail(sink, cause)
                 return
+        if self._headers_done and not self._complete and self.sink is sink:
+            # llhttp holds an unfinished chunk line or trailer until it ends: reads that bring
+            # no body byte are bounded like the head.
+            if self._body_seen:
+                self._framing_bytes = 0
+            else:
+                self._framing_bytes += len(data)
+                if self._framing_bytes > MAX_RESPONSE_HEAD_BYTES:
+                    sink.flush()
+                    self._fail(sink, UpstreamFailed("backend chunk line or trailers too large"))
+                    return
         if self.sink is sink:
             sink.flush()
         if self._complete and self.sink is sink:
@@ -350,6 +364,7 @@ class UpstreamConnection(asyncio.Protocol):
                 sink.on_response_end([])
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen = True
         sink = self.sink
         if sink is not None and not self._head_request and not self._broken:
             sink.on_response_body(body)

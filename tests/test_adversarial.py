@@ -899,6 +899,65 @@ async def test_a_trailer_section_over_max_header_bytes_gets_431(
     assert_json_error(parse_responses(raw)[0], 431, "headers_too_large")
 
 
+async def test_one_endless_trailer_line_gets_431_before_it_ends(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """A trailer line that never ends is held by the parser, not handed over: the bytes of
+    reads without body are counted, and the client is refused long before its line ends."""
+    (backend,) = await backends(1)
+    limits: dict[str, Any] = {"max_header_bytes": 4096}
+    app = await start_proxy(proxy_config([pool("p", [backend])], limits=limits))
+    head = b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    endless = [b"0\r\nX-Trailer: "] + [b"v" * 1024] * 8
+    raw = await exchange(app.port, head, *endless)
+    assert_json_error(parse_responses(raw)[0], 431, "headers_too_large")
+
+
+async def test_a_backends_endless_trailer_line_cuts_its_response(
+    raw_backend: Callable[[Behaviour], Awaitable[RawBackend]], start_proxy: StartProxy
+) -> None:
+    """The same from a backend: its response is cut once its framing outgrows the head's
+    bound, and the proxy keeps serving."""
+
+    async def behave(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        await read_head(reader, backend)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX: ")
+        for _ in range(400):  # 400 KiB of one trailer line, past the 256 KiB bound
+            writer.write(b"v" * 1024)
+            await writer.drain()
+        await asyncio.sleep(2 * READ_TIMEOUT_S)  # and the line never ends
+
+    backend = await raw_backend(behave)
+    # No idle timeout to cut the response for its silence: only the bound may.
+    timeouts = {**FAST_TIMEOUTS, "idle_s": 60}
+    app = await start_proxy(proxy_config([raw_pool(backend, timeouts=timeouts)]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(GET)
+    raw = await asyncio.wait_for(reader.read(-1), READ_TIMEOUT_S)  # to the proxy's close
+    writer.close()
+    (resp,) = parse_responses(raw)
+    assert resp.status == 200 and not resp.complete  # started, then visibly cut
+    assert b"X: " not in raw
+
+
+async def test_a_passed_on_429_does_not_hold_its_backend(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """A 429 is often one tenant's quota: answered to that client, it takes its backend out of
+    rotation for nobody else (a 503 with Retry-After does)."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("p", [b0, b1], retry={"max_retries": 0})]))
+    raw = await exchange(app.port, b"GET /status/429?retry_after=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert parse_responses(raw)[0].status == 429
+    served = []
+    for _ in range(4):
+        raw = await exchange(app.port, GET)
+        served.append(parse_responses(raw)[0].headers[b"x-lb-backend"])
+    assert set(served) == {b"b0", b"b1"}
+
+
 # -- a client that stalls its body is the one timed out, not the backend ----------------------
 
 
@@ -919,3 +978,23 @@ async def test_a_stalled_request_body_gets_408_and_counts_nothing_against_the_ba
     for raw in raws:
         assert_json_error(parse_responses(raw)[0], 408, "request_timeout")
     assert all(b.ejected_until_s == 0.0 for b in proxy_of(app).pools["p"].backends)
+
+
+async def test_a_client_still_sending_to_a_hanging_backend_gets_504_not_408(
+    raw_backend: Callable[[Behaviour], Awaitable[RawBackend]], start_proxy: StartProxy
+) -> None:
+    """A body that keeps coming, a byte now and then, to a backend that never answers: the
+    timeout is the backend's (504), not the client's."""
+
+    async def behave(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        await read_head(reader, backend)
+        await read_all(reader, backend)  # reads what comes, answers nothing
+
+    backend = await raw_backend(behave)
+    extra: dict[str, Any] = {"timeouts": {"response_headers_s": 0.5}}
+    app = await start_proxy(proxy_config([raw_pool(backend, **extra)]))
+    head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+    raw = await exchange(app.port, head, *[b"x"] * 20)  # a byte every 50 ms
+    assert_json_error(parse_responses(raw)[0], 504, "timeout")
