@@ -83,6 +83,7 @@ class ClientConnection(asyncio.Protocol):
         self._current: IncomingRequest | None = None
         self._queue: deque[IncomingRequest] = deque()
         self._pipeline_held = bytearray()  # read behind a queued request, not parsed yet
+        self._linger: asyncio.TimerHandle | None = None  # the end of a lingering close
         self._task: asyncio.Task[None] | None = None
         # One deadline for the header timeout and the keep-alive idle timeout (never both).
         self._deadline = Deadline(self.loop, self._on_header_timeout)
@@ -178,7 +179,11 @@ class ClientConnection(asyncio.Protocol):
             self._tunnel.on_client_closed()  # the normal end of a tunnel, not an abandonment
         elif self._task is not None:
             self._task.cancel()  # the handler aborts the upstream request: the client is gone
-        if self._current is None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        # A task cancelled before its first step never reports its request done.
+        if self._current is None or self._task is None or self._task.done():
             self._let_go()
 
     def _let_go(self) -> None:
@@ -288,6 +293,10 @@ class ClientConnection(asyncio.Protocol):
                 at = after.find(sep)
                 if 0 <= at < end:
                     end = at
+            if end == 0 or after.find(b"@", 0, end) >= 0:
+                # No host, or user:password@host (RFC 9110 section 4.2.4: an error).
+                self._callback_error = BadRequest("invalid authority in the request target")
+                raise self._callback_error
             path = after[end:]
             req.url = path if path.startswith(b"/") else b"/" + path
             req.host = authority = after[:end]
@@ -502,11 +511,15 @@ class ClientConnection(asyncio.Protocol):
             transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        self.loop.call_later(LINGER_S, transport.close)
+        self._linger = self.loop.call_later(LINGER_S, transport.close)
 
     def abort(self) -> None:
-        if not self.closed:
+        linger = self._linger
+        if not self.closed or linger is not None:  # a lingering close is cut short too
             self.closed = True
+            if linger is not None:
+                linger.cancel()
+                self._linger = None
             self.transport.abort()
 
     def _fail(self, err: ProxyError) -> None:

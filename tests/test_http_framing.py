@@ -691,3 +691,14 @@ async def test_a_request_line_of_another_http_version_gets_505(backends, start_p
     assert raw.startswith(b"HTTP/1.1 505 "), raw
     assert b'"http_version_not_supported"' in raw
     assert backend.hits == 0
+
+
+@pytest.mark.parametrize(
+    "target", [b"http://user:pw@models.example/v1/x", b"http:///v1/x"], ids=["userinfo", "no host"]
+)
+async def test_an_absolute_form_target_without_a_plain_host_gets_400(backends, start_proxy, target):
+    """Credentials in the authority, or no authority at all: refused, never forwarded."""
+    backend, app = await start(backends, start_proxy)
+    raw = await raw_exchange(app.port, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+    assert raw.startswith(b"HTTP/1.1 400 "), raw
+    assert backend.hits == 0
