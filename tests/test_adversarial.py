@@ -682,60 +682,29 @@ async def test_a_batch_of_hostile_clients_leaves_the_proxy_serving_with_nothing_
 
 @pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked"])
 async def test_a_response_transfer_coding_other_than_chunked_is_a_502(
-    start_proxy: StartProxy, coding: bytes
+    raw_backend: Callable[[Behaviour], Awaitable[RawBackend]],
+    start_proxy: StartProxy,
+    coding: bytes,
 ) -> None:
     """Re-framed without its coding, such a body would reach the client as garbage."""
-
-    writers: list[asyncio.StreamWriter] = []
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n\x1f\x8bgz" % coding)
-        await writer.drain()
-        await reader.read()  # until the proxy drops the connection
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        backend = RawBackend(port=server.sockets[0].getsockname()[1])
-        app = await start_proxy(proxy_config([raw_pool(backend)]))
-        raw = await exchange(app.port, GET)
-    finally:
-        for writer in writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-    (resp,) = parse_responses(raw)
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n\x1f\x8bgz" % coding
+    backend = await raw_backend(answers(answer, then="stall"))
+    app = await start_proxy(proxy_config([raw_pool(backend)]))
+    (resp,) = parse_responses(await exchange(app.port, GET))
     assert_json_error(resp, 502, "backend_error")
 
 
 @pytest.mark.parametrize("status", [b"000", b"099"])
 async def test_a_status_below_100_gets_a_502_and_its_body_never_reaches_the_client(
-    start_proxy: StartProxy, status: bytes
+    raw_backend: Callable[[Behaviour], Awaitable[RawBackend]],
+    start_proxy: StartProxy,
+    status: bytes,
 ) -> None:
     """The body of such an answer is not written ahead of a head: the client gets one 502."""
-
-    writers: list[asyncio.StreamWriter] = []
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        writer.write(b"HTTP/1.1 %s X\r\nContent-Length: 8\r\n\r\nINJECTED" % status)
-        await writer.drain()
-        await reader.read()  # until the proxy drops the connection
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        backend = RawBackend(port=server.sockets[0].getsockname()[1])
-        app = await start_proxy(proxy_config([raw_pool(backend)]))
-        raw = await exchange(app.port, GET)
-    finally:
-        for writer in writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    answer = b"HTTP/1.1 %s X\r\nContent-Length: 8\r\n\r\nINJECTED" % status
+    backend = await raw_backend(answers(answer, then="stall"))
+    app = await start_proxy(proxy_config([raw_pool(backend)]))
+    raw = await exchange(app.port, GET)
     assert raw.startswith(b"HTTP/1.1 502 ")
     (resp,) = parse_responses(raw)
     assert_json_error(resp, 502, "backend_error")
