@@ -372,6 +372,8 @@ async def test_a_malformed_request_behind_a_good_one_lets_the_good_one_finish(
         pytest.param(b'"m1"', id="string"),
         pytest.param(b"null", id="null"),
         pytest.param(b'{"model": "\xff\xfe"}', id="not-utf8"),
+        # Nested past the parser's stack: still the 400 of a body that is not JSON, not a 500.
+        pytest.param(b'{"model": "m1", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}", id="deep"),
     ],
 )
 async def test_a_model_route_answers_a_body_that_is_no_json_object_with_400(
@@ -722,27 +724,6 @@ async def test_host_named_in_connection_is_still_forwarded(
     raw = await exchange(app.port, b"GET /h HTTP/1.1\r\nHost: t\r\nConnection: Host\r\n\r\n")
     seen = json.loads(parse_responses(raw)[0].body)["headers"]
     assert [v for k, v in seen if k.lower() == "host"] == ["t"]
-
-
-# -- a request body nested deeper than the JSON parser's stack is a client error --------------
-
-
-async def test_a_deeply_nested_body_on_a_model_route_is_a_400_not_a_500(
-    backends: StartBackends, start_proxy: StartProxy
-) -> None:
-    """Thirty thousand nested arrays get the usual 400 for a body that is not JSON."""
-    (backend,) = await backends(1)
-    app = await start_proxy(
-        proxy_config([pool("p", [backend])], routes=[{"model": "m1", "pool": "p"}])
-    )
-    body = b'{"model": "m1", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}"
-    raw = await exchange(
-        app.port,
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
-        % (len(body), body),
-    )
-    assert_json_error(parse_responses(raw)[0], 400, "bad_request")
-    assert backend.hits == 0
 
 
 # -- an error answered while the client still sends its body survives until it is read --------
