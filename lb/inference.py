@@ -111,13 +111,13 @@ class InferenceStats:
 class ResponseMeter:
     """Watches one response's body for tokens and usage."""
 
-    __slots__ = ("_carry", "_events", "_keys", "_last_s", "_stats", "_tail", "sse", "started_s")
+    __slots__ = ("_carry", "_keys", "_last_s", "_stats", "_tail", "events", "sse", "started_s")
 
     def __init__(self, stats: InferenceStats, started_s: float, sse: bool) -> None:
         self._stats = stats
         self.started_s = started_s
         self.sse = sse
-        self._events = 0
+        self.events = 0  # token chunks seen so far (SSE events with text)
         self._last_s = 0.0
         self._tail = bytearray()  # the end of the body: at least its last TAIL_BYTES
         self._carry = b""
@@ -125,11 +125,6 @@ class ResponseMeter:
         self._keys: tuple[bytes, ...] = _TEXT_KEYS
         if sse:
             stats.streams += 1
-
-    @property
-    def events(self) -> int:
-        """Token chunks seen so far (SSE events with content)."""
-        return self._events
 
     def on_body(self, data: bytes) -> None:
         tail = self._tail
@@ -152,15 +147,15 @@ class ResponseMeter:
             self._keys = _TEXT_KEYS[:1] if chat else _TEXT_KEYS[1:]
         now = time.monotonic()
         stats = self._stats
-        if self._events == 0:
+        if self.events == 0:
             stats.ttft.observe(now - self.started_s)
             events -= 1
-            self._events = 1
+            self.events = 1
             self._last_s = now
             if events == 0:
                 return
         stats.tbt.observe_many((now - self._last_s) / events, events)
-        self._events += events
+        self.events += events
         self._last_s = now
 
     def on_end(self) -> None:
@@ -174,5 +169,5 @@ class ResponseMeter:
             stats.prompt_tokens += int(prompt.group(1))
         if completion is not None:
             stats.completion_tokens += int(completion.group(1))
-        elif self.sse and self._events:
-            stats.completion_tokens_estimated += self._events  # no usage: chunks stand in
+        elif self.sse and self.events:
+            stats.completion_tokens_estimated += self.events  # no usage: chunks stand in
