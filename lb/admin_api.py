@@ -328,7 +328,7 @@ async def set_weight(request: web.Request) -> web.Response:
     try:
         body = await request.json()
         weight = body["weight"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep
         return _error(400, "bad_request", 'body must be JSON like {"weight": 3}')
     if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 10000:
         return _error(400, "bad_request", "weight must be an integer from 1 to 10000")

@@ -7,7 +7,9 @@ are raised as :class:`~lb.config.ConfigError` with the key path, like any other 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
 from lb.admission import AdmissionQueue
 from lb.backend import DEFAULT_DECAY_S, Backend
@@ -72,6 +74,17 @@ def build_pools(
         except ValueError as exc:
             problems.append((f"pools[{i}].strategy", str(exc)))
             continue
+        # The latency estimate's decay is the pool's, whatever the strategy (a user class
+        # receives its options unchecked): a bad one would fail every request later on.
+        decay_s = pc.strategy_options.get("decay_s", DEFAULT_DECAY_S)
+        if not _positive_seconds(decay_s):
+            problems.append(
+                (
+                    f"pools[{i}].strategy_options.decay_s",
+                    f"must be a positive number of seconds (got {decay_s!r})",
+                )
+            )
+            continue
         shadow = None
         if pc.shadow_strategy is not None:
             try:
@@ -96,7 +109,7 @@ def build_pools(
             strategy,
             upstreams,
             PoolTimeouts(t.connect_s, t.response_headers_s, t.idle_s),
-            rtt_decay_s=float(pc.strategy_options.get("decay_s", DEFAULT_DECAY_S)),
+            rtt_decay_s=float(decay_s),
             retry=RetryPolicy.from_config(pc.retry),
             outliers=OutlierDetector(pc.outlier_detection),
             queue=AdmissionQueue(
@@ -126,6 +139,15 @@ def build_pools(
             pool.retire(keep=_all_backends(previous))
         raise ConfigError.from_problems(source, problems)
     return pools
+
+
+def _positive_seconds(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _all_backends(pools: Mapping[str, Pool] | None) -> set[Backend]:

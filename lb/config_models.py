@@ -162,6 +162,8 @@ def backend_address(url: str) -> tuple[str, str, int]:
         raise ValueError("URL must not contain user credentials")
     if not parts.hostname:
         raise ValueError(f"URL has no host (got {url!r})")
+    if any(c.isspace() or not c.isprintable() for c in parts.netloc):
+        raise ValueError(f"URL host must not contain spaces or control characters (got {url!r})")
     if parts.path not in ("", "/"):
         raise ValueError(
             f"URL must not have a path (got {parts.path!r}); match paths with routes[].path_prefix"
@@ -175,7 +177,9 @@ def backend_address(url: str) -> tuple[str, str, int]:
     _, colon, port_text = hostinfo.rpartition(":")
     if not colon or port_text == "":
         return scheme, parts.hostname, 443 if scheme == "https" else 80
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # ASCII digits only: str.isdigit() also accepts other scripts' digits ('٨٠'), which
+    # urllib's port parsing (used to connect) refuses.
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"URL port must be an integer 1..65535 (got {port_text!r})")
     return scheme, parts.hostname, int(port_text)
 

@@ -478,6 +478,8 @@ BAD_WEIGHT_BODIES: dict[str, dict[str, Any]] = {
     "a bool": {"json": {"weight": True}},
     "a string": {"json": {"weight": "3"}},
     "a float": {"json": {"weight": 2.5}},
+    "an array nested too deep to parse": {"data": b"[" * 100_000 + b"]" * 100_000},
+    "an object nested too deep to parse": {"data": b'{"a":' * 50_000 + b"1" + b"}" * 50_000},
 }
 
 

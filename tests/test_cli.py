@@ -82,6 +82,13 @@ def test_check_reads_the_file_named_by_lb_config(tmp_path: Path) -> None:
     [
         pytest.param("pools: [\n", "", "invalid YAML at line 2, column 1", id="bad-yaml"),
         pytest.param("", "", "file is empty", id="empty-file"),
+        pytest.param(
+            ONE_POOL + "    strategy: consistent_hash\n"
+            "    strategy_options: {virtual_nodes: 1000000000}\n",
+            "pools[0].strategy",
+            "option 'virtual_nodes' for strategy 'consistent_hash' must be at most 10000",
+            id="consistent-hash-ring-too-large",
+        ),
         pytest.param(ONE_POOL + "lisen: {}\n", "lisen", "unknown key 'lisen'", id="unknown-key"),
         pytest.param(
             ONE_POOL + "        wieght: 2\n",
@@ -154,6 +161,26 @@ def test_check_reads_the_file_named_by_lb_config(tmp_path: Path) -> None:
             "pools[0].strategy",
             "",
             id="unknown-strategy",
+        ),
+        pytest.param(
+            ONE_POOL + "    strategy: tests.strategies.custom_strategy:FirstBackend\n"
+            "    strategy_options: {decay_s: abc}\n",
+            "pools[0].strategy_options.decay_s",
+            "must be a positive number of seconds (got 'abc')",
+            id="user-strategy-decay-not-a-number",
+        ),
+        pytest.param(
+            ONE_POOL + "    strategy: tests.strategies.custom_strategy:FirstBackend\n"
+            "    strategy_options: {decay_s: 0}\n",
+            "pools[0].strategy_options.decay_s",
+            "must be a positive number of seconds (got 0)",
+            id="user-strategy-decay-zero",
+        ),
+        pytest.param(
+            ONE_POOL + "    strategy: least_connections\n    strategy_options: {decay_s: .inf}\n",
+            "pools[0].strategy_options.decay_s",
+            "must be a positive number of seconds (got inf)",
+            id="least-connections-decay-infinite",
         ),
     ],
 )

@@ -304,6 +304,9 @@ def test_route_to_a_missing_pool_lists_the_pools(tmp_path: Path) -> None:
         ("http://:8001", "URL has no host"),
         ("http://127.0.0.1:70000", "URL port must be an integer 1..65535"),
         ("http://127.0.0.1:0", "URL port must be an integer 1..65535"),
+        ("http://127.0.0.1:\u0668\u0660", "URL port must be an integer 1..65535"),
+        ("http://127.0.0.1:\u00b9", "URL port must be an integer 1..65535"),
+        ("http://a b:8001", "URL host must not contain spaces or control characters"),
     ],
 )
 def test_bad_backend_url_is_reported_with_a_reason(tmp_path: Path, url: str, reason: str) -> None:

@@ -99,6 +99,11 @@ def _key_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+# Bounds of the ring, built at start-up and on every reload: each point costs a hash and memory.
+MAX_VIRTUAL_NODES = 10_000
+MAX_RING_POINTS = 4_000_000
+
+
 class ConsistentHash(Strategy):
     """Consistent hashing with bounded loads over a ring of virtual nodes.
 
@@ -149,6 +154,18 @@ class ConsistentHash(Strategy):
             )
         self.needs_body = self.key_source != "header"
         self.virtual_nodes = self._positive_int("virtual_nodes", opts.get("virtual_nodes", 100))
+        if self.virtual_nodes > MAX_VIRTUAL_NODES:
+            raise ValueError(
+                f"option 'virtual_nodes' for strategy {self.name!r} must be at most "
+                f"{MAX_VIRTUAL_NODES}, got {self.virtual_nodes!r}"
+            )
+        ring_points = self.virtual_nodes * sum(backend.weight for backend in self.backends)
+        if ring_points > MAX_RING_POINTS:
+            raise ValueError(
+                f"option 'virtual_nodes' for strategy {self.name!r}: {self.virtual_nodes} per "
+                f"unit of weight makes a ring of {ring_points} points (at most {MAX_RING_POINTS}); "
+                "lower virtual_nodes or the backends' weights"
+            )
         self.prefix_tokens = self._positive_int("prefix_tokens", opts.get("prefix_tokens", 256))
         self.prefix_chars = self.prefix_tokens * CHARS_PER_TOKEN
         factor = opts.get("balance_factor", 1.25)
