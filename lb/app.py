@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TextIO, cast
 
 from aiohttp import web
@@ -56,6 +56,15 @@ def check_listeners_unchanged(old: Config, new: Config, source: str) -> None:
     for key in ("listen", "admin"):
         if getattr(old, key) != getattr(new, key):
             raise ConfigError(source, key, "listeners cannot change on reload; restart instead")
+
+
+async def _naming(key: str, host: str, port: int, binding: Awaitable[None]) -> None:
+    """Await ``binding``; an ``OSError`` it raises names the listener (``key``) and address."""
+    try:
+        await binding
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"{key} {host_port(host, port)}: {reason}") from None
 
 
 class App:
@@ -104,9 +113,10 @@ class App:
         self._start_health_checks(config, pools)
         link = self.link
         if link is None:
-            await self._listen(reuse_port=False)
+            await _naming("listen", config.listen.host, config.listen.port, self._listen(False))
             if config.admin.enabled:
-                await self._start_admin(config.admin.host, config.admin.port)
+                host, port = config.admin.host, config.admin.port
+                await _naming("admin", host, port, self._start_admin(host, port))
             log.info(
                 "proxy listening on http://%s, admin on %s",
                 host_port(config.listen.host, self.port),
@@ -120,7 +130,7 @@ class App:
         await self._start_admin("127.0.0.1", 0)
         await link.report_admin(self.admin_port)
         await link.wait_serve()
-        await self._listen(reuse_port=True)
+        await _naming("listen", config.listen.host, config.listen.port, self._listen(True))
 
     async def report_serving(self) -> None:
         """A worker tells the supervisor it serves: only once its signal handlers are in
@@ -136,7 +146,7 @@ class App:
             self.admin_port,
         )
 
-    async def _listen(self, *, reuse_port: bool) -> None:
+    async def _listen(self, reuse_port: bool) -> None:
         proxy = self.proxy
         assert proxy is not None
         limits = proxy.limits
@@ -288,20 +298,28 @@ class App:
         for conn in list(proxy.connections):
             conn.abort()
         proxy.access_log.flush()
-        if proxy.models is not None:
+        await self.release()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def release(self) -> None:
+        """Stop the background work and close what the app opened (also after a failed
+        start): probes, scrapes, sessions, pooled connections, the admin listener."""
+        proxy = self.proxy
+        if proxy is not None and proxy.models is not None:
             await proxy.models.close()
-        if proxy.mirrors is not None:
+        if proxy is not None and proxy.mirrors is not None:
             await proxy.mirrors.close()
         for checker in self.health_checkers.values():
             await checker.stop()
         for reporter in self.load_reporters.values():
             await reporter.stop()
-        for pool in proxy.pools.values():
+        for pool in proxy.pools.values() if proxy is not None else ():
             pool.close()
+        if self._server is not None:
+            self._server.close()
         if self._admin is not None:
             await self._admin.cleanup()
-        log.info("stopped")
-        self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -351,6 +369,7 @@ async def serve(config: Config, source: str, link: WorkerLink | None = None) -> 
         await app.report_serving()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
+        await app.release()
         return 1
     except LinkError as exc:
         log.error("supervisor gone during start-up: %s", exc)

@@ -233,10 +233,13 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
                 (f"routes[{i}].auth", "no API keys: set api_keys or a non-empty api_keys_env")
             )
     wildcards = ("0.0.0.0", "::")
+    aliases = {"localhost": "127.0.0.1"}  # the name binds the loopback address
+    admin_host = aliases.get(admin.host, admin.host)
+    listen_host = aliases.get(listen.host, listen.host)
     if (
         admin.enabled
         and admin.port == listen.port
-        and (admin.host == listen.host or admin.host in wildcards or listen.host in wildcards)
+        and (admin_host == listen_host or admin_host in wildcards or listen_host in wildcards)
     ):
         problems.append(
             (

@@ -6,6 +6,7 @@ Every model forbids unknown keys and is frozen; every field has a description, w
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +19,20 @@ from lb.config_resilience import Admission, HealthCheck, OutlierDetection, Retry
 _Model = ConfigDict(extra="forbid", frozen=True)
 
 
+def listen_host(value: str) -> str:
+    """A listener's host as a socket can bind it: an IP address without brackets, or a name."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"must not contain spaces or control characters (got {value!r})")
+    if value.startswith("[") or value.endswith("]"):
+        raise ValueError(f"write an IPv6 address without brackets (got {value!r})")
+    if all(part.isdigit() for part in value.split(".")):
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"not an IPv4 address (got {value!r})") from None
+    return value
+
+
 class Listen(BaseModel):
     """Where the proxy accepts client connections."""
 
@@ -25,6 +40,11 @@ class Listen(BaseModel):
 
     host: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
     port: int = Field(default=8080, ge=1, le=65535, description="TCP port to listen on.")
+
+    @field_validator("host")
+    @classmethod
+    def _bindable(cls, value: str) -> str:
+        return listen_host(value)
 
 
 class Admin(BaseModel):
@@ -34,6 +54,12 @@ class Admin(BaseModel):
 
     host: str = Field(default="127.0.0.1", min_length=1, description="Admin listen address.")
     port: int = Field(default=9901, ge=1, le=65535, description="Admin TCP port.")
+
+    @field_validator("host")
+    @classmethod
+    def _bindable(cls, value: str) -> str:
+        return listen_host(value)
+
     enabled: bool = Field(default=True, description="Whether the admin listener runs at all.")
     token: str | None = Field(
         default=None,

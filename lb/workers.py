@@ -196,7 +196,8 @@ class Supervisor:
             try:
                 await web.TCPSite(self._admin, admin.host, admin.port).start()
             except OSError as exc:
-                log.error("cannot listen: %s", exc)
+                where = host_port(admin.host, admin.port)
+                log.error("cannot listen: admin %s: %s", where, exc.strerror or exc)
                 await self._close()
                 return False
         results = await asyncio.gather(

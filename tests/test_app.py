@@ -121,5 +121,6 @@ async def test_a_port_in_use_stops_start_up_with_a_message(tmp_path: Path):
         )  # fmt: skip
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
-    assert b"cannot listen" in stderr
+    assert f"cannot listen: [Errno 98] listen 127.0.0.1:{port}".encode() in stderr
     assert b"Traceback" not in stderr
+    assert b"Unclosed" not in stderr  # what start-up opened was closed

@@ -264,6 +264,27 @@ def test_duplicate_pool_name_is_an_error(tmp_path: Path) -> None:
     assert str(error).endswith("config.yaml: pools[1].name: duplicate pool name 'chat'")
 
 
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("999.1.1.1", "not an IPv4 address"),
+        ("127.0.0.1 ", "must not contain spaces"),
+        ("[::1]", "without brackets"),
+    ],
+)
+def test_a_listener_host_no_socket_can_bind_is_an_error(
+    tmp_path: Path, host: str, reason: str
+) -> None:
+    error = load_error(tmp_path, ONE_POOL + f"listen: {{host: '{host}'}}\n")
+    assert error.key == "listen.host"
+    assert reason in error.reason
+
+
+def test_localhost_and_127_0_0_1_on_one_port_clash(tmp_path: Path) -> None:
+    text = ONE_POOL + "listen: {host: localhost, port: 9000}\nadmin: {port: 9000}\n"
+    assert load_error(tmp_path, text).key == "admin.port"
+
+
 def test_duplicate_route_name_is_an_error(tmp_path: Path) -> None:
     """A route named like an unnamed route's default name is refused at the second one."""
     routes = "routes:\n  - {path_prefix: /v1, pool: chat}\n  - {name: route-0, pool: chat}\n"
