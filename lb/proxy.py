@@ -329,8 +329,9 @@ class Proxy:
             why = "only candidate" if only else strategy.explain(backend, info)
             reason = f"{strategy.name}: {why}"
             req.decision = reason
+            # tuple.__new__: a NamedTuple's own __new__ is a Python function, run per request.
             pool.stats.decisions.append(
-                Decision(time.time(), req.request_id or b"", backend.name, reason)
+                tuple.__new__(Decision, (time.time(), req.request_id or b"", backend.name, reason))
             )
         shadow = pool.shadow_strategy
         if shadow is not None and not tried:
@@ -444,7 +445,17 @@ class Proxy:
         """Response header lines the proxy adds: the request id, and why this backend."""
         assert req.request_id is not None
         settings = self.settings
-        line = b"%s: %s\r\n" % (settings.request_id_header, req.request_id)
         if settings.decision_header is not None and req.decision:
-            line += b"%s: %s\r\n" % (settings.decision_header, req.decision.encode())
-        return line
+            return b"".join(
+                (
+                    settings.request_id_header,
+                    b": ",
+                    req.request_id,
+                    b"\r\n",
+                    settings.decision_header,
+                    b": ",
+                    req.decision.encode(),
+                    b"\r\n",
+                )
+            )
+        return b"%s: %s\r\n" % (settings.request_id_header, req.request_id)
