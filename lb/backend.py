@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from lb.histogram import Histogram
@@ -17,6 +19,22 @@ from lb.histogram import Histogram
 # Peak-EWMA defaults (tower's `load::peak_ewma`, Finagle's `PeakEwma`): the estimate decays
 # towards new samples with time constant `decay_s`, but jumps up to any sample above it at once.
 DEFAULT_DECAY_S = 10.0
+
+
+def decay_seconds(options: Mapping[str, Any]) -> float:
+    """The ``decay_s`` option of a pool's strategy, shared by the pool's latency estimates:
+    ``DEFAULT_DECAY_S`` when unset; raises ``ValueError`` unless a positive, finite number."""
+    value = options.get("decay_s", DEFAULT_DECAY_S)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"must be a positive number of seconds (got {value!r})")
+    return float(value)
+
+
 # Below this, a decayed failure score counts as no failure at all.
 FAILURE_SCORE_FLOOR = 0.01
 # Estimate for a backend that has never answered: a modest guess, so new backends get tried.

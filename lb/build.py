@@ -7,12 +7,10 @@ are raised as :class:`~lb.config.ConfigError` with the key path, like any other 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any
 
 from lb.admission import AdmissionQueue
-from lb.backend import DEFAULT_DECAY_S, Backend
+from lb.backend import Backend, decay_seconds
 from lb.client_auth import ClientKeys
 from lb.config import Config, ConfigError, client_api_keys, route_name
 from lb.forwarding import ForwardingSettings
@@ -66,6 +64,13 @@ def build_pools(
             backend.effective_weight = float(bc.weight)
             backend.max_concurrency = bc.max_concurrency or pool_limit
             backends.append(backend)
+        # The latency estimate's decay is the pool's, whatever the strategy (a user class
+        # receives its options unchecked): a bad one would fail every request later on.
+        try:
+            decay_s = decay_seconds(pc.strategy_options)
+        except ValueError as exc:
+            problems.append((f"pools[{i}].strategy_options.decay_s", str(exc)))
+            continue
         try:
             options = dict(pc.strategy_options)
             if pc.strategy in ("least_loaded", "cache_aware"):
@@ -73,17 +78,6 @@ def build_pools(
             strategy = build_strategy(pc.strategy, backends, options=options)
         except ValueError as exc:
             problems.append((f"pools[{i}].strategy", str(exc)))
-            continue
-        # The latency estimate's decay is the pool's, whatever the strategy (a user class
-        # receives its options unchecked): a bad one would fail every request later on.
-        decay_s = pc.strategy_options.get("decay_s", DEFAULT_DECAY_S)
-        if not _positive_seconds(decay_s):
-            problems.append(
-                (
-                    f"pools[{i}].strategy_options.decay_s",
-                    f"must be a positive number of seconds (got {decay_s!r})",
-                )
-            )
             continue
         shadow = None
         if pc.shadow_strategy is not None:
@@ -109,7 +103,7 @@ def build_pools(
             strategy,
             upstreams,
             PoolTimeouts(t.connect_s, t.response_headers_s, t.idle_s),
-            rtt_decay_s=float(decay_s),
+            rtt_decay_s=decay_s,
             retry=RetryPolicy.from_config(pc.retry),
             outliers=OutlierDetector(pc.outlier_detection),
             queue=AdmissionQueue(
@@ -139,15 +133,6 @@ def build_pools(
             pool.retire(keep=_all_backends(previous))
         raise ConfigError.from_problems(source, problems)
     return pools
-
-
-def _positive_seconds(value: Any) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 def _all_backends(pools: Mapping[str, Pool] | None) -> set[Backend]:

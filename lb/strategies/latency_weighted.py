@@ -34,13 +34,12 @@ used to decay estimates when reading them. Keep it equal to the ``decay_s`` give
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from lb.backend import DEFAULT_DECAY_S, Backend
+from lb.backend import Backend, decay_seconds
 from lb.strategies.base import Clock, RequestInfo, Strategy
 
 
@@ -64,18 +63,10 @@ class LatencyWeighted(Strategy):
         options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(backends, rng=rng, clock=clock, options=options)
-        decay_s = self.options.get("decay_s", DEFAULT_DECAY_S)
-        if (
-            isinstance(decay_s, bool)
-            or not isinstance(decay_s, int | float)
-            or not math.isfinite(decay_s)
-            or decay_s <= 0
-        ):
-            raise ValueError(
-                f"option 'decay_s' for strategy {self.name!r} must be a positive number of "
-                f"seconds, got {decay_s!r}"
-            )
-        self.decay_s = float(decay_s)
+        try:
+            self.decay_s = decay_seconds(self.options)
+        except ValueError as exc:
+            raise ValueError(f"option 'decay_s' for strategy {self.name!r} {exc}") from None
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         n = len(candidates)

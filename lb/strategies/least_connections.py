@@ -66,7 +66,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from lb.backend import DEFAULT_DECAY_S, Backend
+from lb.backend import Backend, decay_seconds
 from lb.strategies.base import Clock, RequestInfo, Strategy
 
 # Above this many candidates a pick compares two drawn at random instead of scanning them all
@@ -97,9 +97,10 @@ class LeastConnections(Strategy):
         options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(backends, rng=rng, clock=clock, options=options)
-        self.decay_s = float(self.options.get("decay_s", DEFAULT_DECAY_S))
-        if not self.decay_s > 0:
-            raise ValueError("option 'decay_s' of strategy 'least_connections' must be > 0")
+        try:
+            self.decay_s = decay_seconds(self.options)
+        except ValueError as exc:
+            raise ValueError(f"option 'decay_s' for strategy {self.name!r} {exc}") from None
         # Configured weights are fixed for the strategy's life (it is rebuilt with the pool),
         # except through the admin API: max_weight follows a weight seen above it.
         self.equal_weights = len({backend.weight for backend in self.backends}) <= 1
