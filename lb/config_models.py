@@ -7,10 +7,10 @@ Every model forbids unknown keys and is frozen; every field has a description, w
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lb.config_load_report import LoadReport
 from lb.config_ops import BackendTLS, ClientAuth
@@ -19,9 +19,13 @@ from lb.config_resilience import Admission, HealthCheck, OutlierDetection, Retry
 _Model = ConfigDict(extra="forbid", frozen=True)
 
 
+def _blank_or_control(text: str) -> bool:
+    return any(c.isspace() or not c.isprintable() for c in text)
+
+
 def listen_host(value: str) -> str:
     """A listener's host as a socket can bind it: an IP address without brackets, or a name."""
-    if any(c.isspace() or not c.isprintable() for c in value):
+    if _blank_or_control(value):
         raise ValueError(f"must not contain spaces or control characters (got {value!r})")
     if value.startswith("[") or value.endswith("]"):
         raise ValueError(f"write an IPv6 address without brackets (got {value!r})")
@@ -33,18 +37,16 @@ def listen_host(value: str) -> str:
     return value
 
 
+BindHost = Annotated[str, AfterValidator(listen_host)]
+
+
 class Listen(BaseModel):
     """Where the proxy accepts client connections."""
 
     model_config = _Model
 
-    host: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
+    host: BindHost = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
     port: int = Field(default=8080, ge=1, le=65535, description="TCP port to listen on.")
-
-    @field_validator("host")
-    @classmethod
-    def _bindable(cls, value: str) -> str:
-        return listen_host(value)
 
 
 class Admin(BaseModel):
@@ -52,13 +54,8 @@ class Admin(BaseModel):
 
     model_config = _Model
 
-    host: str = Field(default="127.0.0.1", min_length=1, description="Admin listen address.")
+    host: BindHost = Field(default="127.0.0.1", min_length=1, description="Admin listen address.")
     port: int = Field(default=9901, ge=1, le=65535, description="Admin TCP port.")
-
-    @field_validator("host")
-    @classmethod
-    def _bindable(cls, value: str) -> str:
-        return listen_host(value)
 
     enabled: bool = Field(default=True, description="Whether the admin listener runs at all.")
     token: str | None = Field(
@@ -188,7 +185,7 @@ def backend_address(url: str) -> tuple[str, str, int]:
         raise ValueError("URL must not contain user credentials")
     if not parts.hostname:
         raise ValueError(f"URL has no host (got {url!r})")
-    if any(c.isspace() or not c.isprintable() for c in parts.netloc):
+    if _blank_or_control(parts.netloc):
         raise ValueError(f"URL host must not contain spaces or control characters (got {url!r})")
     if parts.path not in ("", "/"):
         raise ValueError(
