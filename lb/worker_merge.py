@@ -111,11 +111,7 @@ def merge_pool(parts: Sequence[tuple[int, Json]]) -> Json:
     out["responses_by_class"] = _sum_maps([p["responses_by_class"] for p in pools])
     out["retries"] = _sum_maps([p["retries"] for p in pools])
     out["recent_errors"] = _newest_first([(i, p["recent_errors"]) for i, p in parts])
-    by_name: dict[str, list[Json]] = {}
-    for p in pools:
-        for b in p["backends"]:
-            by_name.setdefault(b["name"], []).append(b)
-    out["backends"] = [merge_backend(same) for same in by_name.values()]
+    out["backends"] = _merge_backend_lists([p["backends"] for p in pools])
     shadows = [p["shadow"] for p in pools if p.get("shadow") is not None]
     if shadows:
         out["shadow"] = {
@@ -137,14 +133,19 @@ def merge_pools(parts: Sequence[tuple[int, list[Json]]]) -> list[Json]:
 
 def merge_backends(parts: Sequence[tuple[int, Json]]) -> Json:
     """A pool's backend list from each worker: each backend merged over the workers."""
-    by_name: dict[str, list[Json]] = {}
-    for _, answer in parts:
-        for b in answer["backends"]:
-            by_name.setdefault(b["name"], []).append(b)
     return {
         "pool": parts[0][1]["pool"],
-        "backends": [merge_backend(same) for same in by_name.values()],
+        "backends": _merge_backend_lists([answer["backends"] for _, answer in parts]),
     }
+
+
+def _merge_backend_lists(lists: Sequence[list[Json]]) -> list[Json]:
+    """Backends of one pool as each worker sees them, merged by name, in first-seen order."""
+    by_name: dict[str, list[Json]] = {}
+    for backends in lists:
+        for b in backends:
+            by_name.setdefault(b["name"], []).append(b)
+    return [merge_backend(same) for same in by_name.values()]
 
 
 def merge_decisions(parts: Sequence[tuple[int, Json]]) -> Json:
