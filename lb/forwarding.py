@@ -65,8 +65,6 @@ def request_head(
     ``Upgrade`` (hop-by-hop, so not copied) are sent on to the backend.
     """
     tokens = connection_tokens(headers) if _has_connection_header(headers) else frozenset()
-    # Host is required on every HTTP/1.1 request: naming it in Connection cannot drop it.
-    tokens = tokens - {b"host"} if b"host" in tokens else tokens
     rid_name = settings.request_id_header
     forwarded = settings.forwarded
     prior_xff: list[bytes] = []

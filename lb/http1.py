@@ -45,11 +45,15 @@ def status_line(status: int) -> bytes:
 
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """Lower-cased names listed in ``Connection`` headers: hop-by-hop for this message too."""
+    """Lower-cased names listed in ``Connection`` headers: hop-by-hop for this message too.
+
+    Never ``host``: it is required on every HTTP/1.1 request, and naming it cannot drop it.
+    """
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"host")
     return frozenset(tokens)
 
 
