@@ -7,7 +7,6 @@ back as they were received.
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 
 Headers = list[tuple[bytes, bytes]]
@@ -71,7 +70,6 @@ def last_chunk(trailers: Headers) -> bytes:
 
 # Percent-encoded octets of unreserved characters, decoded by normalization (RFC 3986 2.3).
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_NEEDS_NORMALIZING = re.compile(rb"%|/\.|//")
 
 
 def normalize_target(url: bytes) -> bytes:
@@ -80,10 +78,12 @@ def normalize_target(url: bytes) -> bytes:
     As Envoy's ``normalize_path`` and ``merge_slashes`` do: percent-encoded unreserved
     characters are decoded (RFC 3986 section 6.2.2.2; ``%2F`` stays encoded), dot segments are
     removed (section 5.2.4) and runs of slashes merged, so that ``/%70rivate``, ``/a/../private``
-    and ``//private`` are all ``/private`` for route matching and for the backend alike.
+    and ``//private`` are all ``/private`` for route matching and for the backend alike. A
+    path that has nothing to normalize comes back equal; callers skip the call for a target
+    without ``%``, ``/.`` or ``//``.
     """
     path, question, query = url.partition(b"?")
-    if not path.startswith(b"/") or _NEEDS_NORMALIZING.search(path) is None:
+    if not path.startswith(b"/"):
         return url
     if path.find(b"%") >= 0:
         path = _decode_unreserved(path)
