@@ -385,35 +385,17 @@ class Proxy:
                     exchange.close()
                 status = exchange.status
                 if error is None and status >= 500:
-                    # The backend's own error, passed on: listed with the proxy's errors.
-                    self._record_error(
-                        pool,
-                        req,
-                        backend,
-                        UpstreamStatus(
-                            f"backend answered {status}", status=status, retry_after_s=None
-                        ),
-                    )
-                if error is None and status == 503:
-                    # Passed on to the client (no retry took it): the backend still asked for
-                    # a pause, and gets it. Not a 429, often one tenant's quota, not the
-                    # server's state (a retried 429 with Retry-After still holds it).
-                    retry_after_s = exchange.retry_after_s()
-                    if retry_after_s is not None:
-                        pool.hold(backend, min(retry_after_s, policy.retry_after_max_s))
+                    self._passed_on_5xx(pool, req, backend, exchange, policy)
                 if error is not None and exchange.stale and req.body.can_replay:
                     conn = None  # the pooled connection was dead: replay on a fresh one
                     continue
                 break
-        except BaseException:  # cancelled (the client left), or a bug: the slot is freed anyway
+            if isinstance(error, RequestTimeout):
+                raise error  # the client stopped sending its body: nothing learnt of the backend
+        except BaseException:  # that, the client leaving, or a bug: the slot is freed unjudged
             attempt.finish(abandoned=True)
             pool.attempt_ended(backend, failed=False, observed=False)
             raise
-        if isinstance(error, RequestTimeout):
-            # The client stopped sending its body: that tells nothing about the backend.
-            attempt.finish(abandoned=True)
-            pool.attempt_ended(backend, failed=False, observed=False)
-            raise error
         attempt.finish(failed=error is not None and not isinstance(error, UpstreamStatus))
         outliers = pool.outliers
         failed = (error is not None and not isinstance(error, UpstreamStatus)) or (
@@ -440,6 +422,25 @@ class Proxy:
             settings=self.settings,
             upgrade=req.upgrade,
         )
+
+    def _passed_on_5xx(
+        self,
+        pool: Pool,
+        req: IncomingRequest,
+        backend: Backend,
+        exchange: Exchange,
+        policy: RetryPolicy,
+    ) -> None:
+        """A backend's own 5xx, passed on to the client (no retry took it): listed with the
+        proxy's errors, and a 503's Retry-After still holds the backend out. Not a 429's: it
+        is often one tenant's quota, not the server's state (a retried 429 still holds it)."""
+        status = exchange.status
+        error = UpstreamStatus(f"backend answered {status}", status=status, retry_after_s=None)
+        self._record_error(pool, req, backend, error)
+        if status == 503:
+            retry_after_s = exchange.retry_after_s()
+            if retry_after_s is not None:
+                pool.hold(backend, min(retry_after_s, policy.retry_after_max_s))
 
     def _extra_lines(self, req: IncomingRequest) -> bytes:
         """Response header lines the proxy adds: the request id, and why this backend."""
