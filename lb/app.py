@@ -58,7 +58,7 @@ def check_listeners_unchanged(old: Config, new: Config, source: str) -> None:
             raise ConfigError(source, key, "listeners cannot change on reload; restart instead")
 
 
-async def _naming(key: str, host: str, port: int, binding: Awaitable[None]) -> None:
+async def _bind_named(key: str, host: str, port: int, binding: Awaitable[None]) -> None:
     """Await ``binding``; an ``OSError`` it raises names the listener (``key``) and address."""
     try:
         await binding
@@ -113,10 +113,10 @@ class App:
         self._start_health_checks(config, pools)
         link = self.link
         if link is None:
-            await _naming("listen", config.listen.host, config.listen.port, self._listen(False))
+            await _bind_named("listen", config.listen.host, config.listen.port, self._listen(False))
             if config.admin.enabled:
                 host, port = config.admin.host, config.admin.port
-                await _naming("admin", host, port, self._start_admin(host, port))
+                await _bind_named("admin", host, port, self._start_admin(host, port))
             log.info(
                 "proxy listening on http://%s, admin on %s",
                 host_port(config.listen.host, self.port),
@@ -130,7 +130,7 @@ class App:
         await self._start_admin("127.0.0.1", 0)
         await link.report_admin(self.admin_port)
         await link.wait_serve()
-        await _naming("listen", config.listen.host, config.listen.port, self._listen(True))
+        await _bind_named("listen", config.listen.host, config.listen.port, self._listen(True))
 
     async def report_serving(self) -> None:
         """A worker tells the supervisor it serves: only once its signal handlers are in

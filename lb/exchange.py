@@ -359,6 +359,7 @@ class Exchange:
             not body.complete
             and transport is not None
             and not transport.get_write_buffer_size()
+            # (1% less: the loop's timers have millisecond resolution and may fire that early)
             and time.monotonic() - body.fed_at_s >= quiet_s * 0.99
         )
 
