@@ -44,6 +44,10 @@ log = logging.getLogger("lb.downstream")
 LINGER_S = 2.0
 
 # Reasons the client's reading is paused; reading resumes when none is left.
+# The request fields the head's parse reads; the others are only forwarded.
+_HEAD_FIELDS = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"expect", b"connection"}
+)
 PAUSE_PIPELINE = 1  # pipelined requests wait, and PIPELINE_HOLD_BYTES more are held
 PAUSE_BODY_HELD = 2  # body bytes wait for an upstream connection
 PAUSE_UPSTREAM = 4  # the backend is not reading the body as fast as the client sends it
@@ -72,9 +76,11 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, handler: Handler, limits: ListenerLimits) -> None:
         self.handler = handler
         self.limits = limits
+        self._max_header_bytes = limits.max_header_bytes  # read per header field
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer_ip = ""
+        self.peer_ip_bytes = b""
         self.closed = False
         self.write_paused = False
         self.upstream: Any = None  # the UpstreamConnection answering now, for backpressure
@@ -107,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.peer_ip_bytes = self.peer_ip.encode()  # written into every X-Forwarded-For
         if len(self.handler.connections) >= self.limits.max_connections:
             log.warning("refusing a client connection: %d open", len(self.handler.connections))
             self.closed = True
@@ -139,8 +146,12 @@ class ClientConnection(asyncio.Protocol):
                 # and after it, reads without a body byte (a chunk line, trailers).
                 if not self._headers_done:
                     self._head_raw_bytes += len(data)
-                    if self._head_raw_bytes > self.limits.max_header_bytes:
+                    if self._head_raw_bytes > self._max_header_bytes:
                         self._fail(self._header_limit_error())
+                    elif self._head_raw_bytes == len(data) and self._current is None:
+                        # A head begun in this read and unfinished: it has header_timeout_s
+                        # from now. (One that ends in the read it began in never waits.)
+                        self._deadline.set_in(self.limits.header_timeout_s)
                 elif self._body_seen:
                     self._framing_raw_bytes = 0
                 else:
@@ -212,11 +223,12 @@ class ClientConnection(asyncio.Protocol):
         self._head_raw_bytes = 0
         self._framing_raw_bytes = 0
         self._headers_done = False
-        if self._current is None:
-            self._deadline.set_in(self.limits.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
-        self._count_header_bytes(len(url))
+        self._header_bytes += len(url)
+        if self._header_bytes > self._max_header_bytes:
+            self._callback_error = self._header_limit_error()
+            raise self._callback_error
         req = self._parsing
         assert req is not None
         req.url += url
@@ -226,20 +238,14 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         # Trailer fields count against the same limit as the head: they are held until the
         # body ends, so without it a chunked body could end in an endless trailer section.
-        self._header_bytes += len(name) + len(value) + 4  # _count_header_bytes, inline
-        if self._header_bytes > self.limits.max_header_bytes:
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self._header_bytes > self._max_header_bytes:
             self._callback_error = self._header_limit_error()
             raise self._callback_error
         if self._headers_done:
             req.body.trailers.append((name, value))
             return
         req.headers.append((name, value))
-
-    def _count_header_bytes(self, n: int) -> None:
-        self._header_bytes += n
-        if self._header_bytes > self.limits.max_header_bytes:
-            self._callback_error = self._header_limit_error()
-            raise self._callback_error
 
     def _header_limit_error(self) -> HeadersTooLarge:
         return HeadersTooLarge(
@@ -263,6 +269,8 @@ class ClientConnection(asyncio.Protocol):
         rid_name = self.limits.request_id_header
         for name, value in req.headers:
             lname = name.lower()
+            if lname not in _HEAD_FIELDS and lname != rid_name:
+                continue  # one lookup for the common field, which only is forwarded
             if lname == b"content-length":
                 req.content_length = int(value)  # llhttp has checked digits and duplicates
             elif lname == b"transfer-encoding":
@@ -281,6 +289,8 @@ class ClientConnection(asyncio.Protocol):
                 req.host = value
             elif lname == b"expect":
                 req.expect_continue = value.strip().lower() == b"100-continue"
+            elif lname == b"connection":
+                req.connection_header = True
             elif lname == rid_name:
                 req.request_id = value
         url = req.url

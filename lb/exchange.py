@@ -161,6 +161,7 @@ class Exchange:
                 http10_keep_alive=keep and not http11,
                 extra=self._extra,
                 settings=self._settings,
+                connection_header=self.conn.connection_header,
             )
         )
         req.response_started = True

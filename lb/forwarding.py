@@ -18,6 +18,7 @@ _STRIP_FROM_REQUEST = HOP_BY_HOP | {b"expect", b"content-length"}
 HOP_BY_HOP_REQUEST = _STRIP_FROM_REQUEST | {b"host"}
 _STRIP_FROM_RESPONSE = HOP_BY_HOP
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 _ID_PREFIX = os.urandom(6).hex().encode()
 _ID_COUNTER = itertools.count(1)
@@ -38,13 +39,6 @@ class ForwardingSettings:
     decision_header: bytes | None = b"x-lb-decision"
 
 
-def _has_connection_header(headers: Headers) -> bool:
-    for name, _ in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            return True
-    return False
-
-
 def request_head(
     method: bytes,
     url: bytes,
@@ -52,19 +46,22 @@ def request_head(
     *,
     host: bytes | None,
     default_host: bytes,
-    client_ip: str,
+    client_ip: bytes,
     request_id: bytes,
     content_length: int | None,
     chunked: bool,
     settings: ForwardingSettings,
+    connection_header: bool = True,
     upgrade: bytes | None = None,
 ) -> bytes:
     """The request line and headers to send upstream, framing and forwarding fields included.
 
-    ``upgrade``: the request is a WebSocket handshake; its ``Connection: upgrade`` and
-    ``Upgrade`` (hop-by-hop, so not copied) are sent on to the backend.
+    ``connection_header``: False when the caller knows ``headers`` hold no ``Connection``
+    field, whose tokens would otherwise be looked for. ``upgrade``: the request is a WebSocket
+    handshake; its ``Connection: upgrade`` and ``Upgrade`` (hop-by-hop, so not copied) are
+    sent on to the backend.
     """
-    tokens = connection_tokens(headers) if _has_connection_header(headers) else frozenset()
+    tokens = connection_tokens(headers) if connection_header else _NO_TOKENS
     rid_name = settings.request_id_header
     forwarded = settings.forwarded
     prior_xff: list[bytes] = []
@@ -82,7 +79,7 @@ def request_head(
     if host is None:
         out += (b"host: ", default_host, b"\r\n")
     if forwarded:
-        prior_xff.append(client_ip.encode())
+        prior_xff.append(client_ip)
         out += (b"x-forwarded-for: ", b", ".join(prior_xff), b"\r\nx-forwarded-proto: http\r\n")
         if host is not None:
             out += (b"x-forwarded-host: ", host, b"\r\n")
@@ -107,12 +104,14 @@ def response_head(
     http10_keep_alive: bool,
     extra: bytes,
     settings: ForwardingSettings,
+    connection_header: bool = True,
 ) -> bytes:
     """The status line and headers to send to the client.
 
-    ``extra`` holds ready-made header lines the proxy adds (backend name, request id).
+    ``extra`` holds ready-made header lines the proxy adds (backend name, request id);
+    ``connection_header`` is as for :func:`request_head`.
     """
-    tokens = connection_tokens(headers) if _has_connection_header(headers) else frozenset()
+    tokens = connection_tokens(headers) if connection_header else _NO_TOKENS
     rid_name = settings.request_id_header
     out = [status_line(status)]
     for name, value in headers:

@@ -415,11 +415,12 @@ class Proxy:
             req.headers,
             host=req.host,
             default_host=backend.authority,
-            client_ip=client.peer_ip,
+            client_ip=client.peer_ip_bytes,
             request_id=req.request_id,
             content_length=req.content_length,
             chunked=req.chunked,
             settings=self.settings,
+            connection_header=req.connection_header,
             upgrade=req.upgrade,
         )
 

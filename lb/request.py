@@ -35,6 +35,7 @@ class IncomingRequest:
         "body",
         "bytes_out",
         "chunked",
+        "connection_header",
         "content_length",
         "decision",
         "expect_continue",
@@ -62,6 +63,7 @@ class IncomingRequest:
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False
+        self.connection_header = False  # a Connection field came: its tokens are hop-by-hop
         self.expect_continue = False
         self.host: bytes | None = None
         self.request_id: bytes | None = None

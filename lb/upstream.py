@@ -104,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._upgrade = False  # the request is a WebSocket handshake
         self._tunnel = False  # the backend switched protocols: bytes are relayed as they come
         self.content_type = b""  # of the current response, lowercased, once its head is parsed
+        self.connection_header = True  # False once a final head is parsed without Connection
 
     # -- used by the proxy ------------------------------------------------------------------
 
@@ -329,11 +330,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         # One pass over the headers: the body's framing, and its type for the sink.
         content_type = b""
-        length = chunked = False
+        length = chunked = connection = False
         for name, value in self._headers:
             lname = name.lower()
             if lname == b"content-type":
                 content_type = value.lower()
+            elif lname == b"connection":
+                connection = True
             elif lname == b"content-length":
                 length = True
             elif lname == b"transfer-encoding":
@@ -345,6 +348,7 @@ class UpstreamConnection(asyncio.Protocol):
                     )
                 chunked = True
         self.content_type = content_type
+        self.connection_header = connection
         if self._head_request or status in (204, 304):
             framing = FRAMING_NONE
         elif chunked:  # Transfer-Encoding overrides Content-Length (RFC 9112 section 6.3)

@@ -492,6 +492,24 @@ async def test_client_stalling_mid_headers_gets_408_after_header_timeout(backend
     assert backend.hits == 0
 
 
+async def test_second_request_stalling_mid_headers_gets_the_header_timeout_not_keepalive(
+    backends, start_proxy
+):
+    """On a keep-alive connection, a head begun after a response and left unfinished has
+    ``header_timeout_s`` from its first byte, not the longer keep-alive timeout."""
+    backend, app = await start(
+        backends, start_proxy, header_timeout_s=0.3, keepalive_timeout_s=30.0
+    )
+    async with connect(app) as client:
+        await client.send(get("/first"))
+        first = await client.response()
+        await client.send(b"GET /second HTTP/1.1\r\nHost: t\r\nX-Half")
+        raw = await client.rest_until_eof(timeout_s=5)
+    assert first.status == 200
+    assert_json_error(parse_one_response(raw), 408, "request_timeout")
+    assert backend.hits == 1
+
+
 async def test_client_dripping_headers_a_byte_at_a_time_is_cut_off(backends, start_proxy):
     """A client sending its head one byte at a time cannot outlast ``header_timeout_s``."""
     backend, app = await start(backends, start_proxy, **FAST_TIMEOUTS)
