@@ -36,7 +36,9 @@ class AdmissionQueue:
         self.timeout_s = timeout_s
         self.reject_status = reject_status
         self.retry_after_s = retry_after_s
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # The requests in line, first first; read (never changed) by the proxy's hot path,
+        # which tests it for emptiness without a Python-level __len__ call.
+        self.waiters: deque[asyncio.Future[None]] = deque()
         self.rejected_full = 0
         self.rejected_timeout = 0
         self.admitted = 0
@@ -50,7 +52,7 @@ class AdmissionQueue:
         self.waits = previous.waits
 
     def __len__(self) -> int:
-        return len(self._waiters)
+        return len(self.waiters)
 
     def _reject(self, message: str) -> Rejected:
         return Rejected(message, status=self.reject_status, retry_after_s=self.retry_after_s)
@@ -60,15 +62,15 @@ class AdmissionQueue:
 
         ``front`` puts the request first in line: one that was woken but found its slot gone.
         """
-        if not front and len(self._waiters) >= self.max_queue:
+        if not front and len(self.waiters) >= self.max_queue:
             self.rejected_full += 1
             raise self._reject(f"all backends are busy and the queue is full ({self.max_queue})")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         if front:
-            self._waiters.appendleft(fut)
+            self.waiters.appendleft(fut)
         else:
-            self._waiters.append(fut)
+            self.waiters.append(fut)
         started = loop.time()
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -89,14 +91,14 @@ class AdmissionQueue:
             if not fut.done():
                 fut.cancel()
             try:
-                self._waiters.remove(fut)
+                self.waiters.remove(fut)
             except ValueError:
                 pass
         self.admitted += 1
 
     def wake_one(self) -> None:
         """Give the turn to the longest waiter, if any."""
-        waiters = self._waiters
+        waiters = self.waiters
         while waiters:
             fut = waiters.popleft()
             if not fut.done():

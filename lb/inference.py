@@ -161,10 +161,13 @@ class ResponseMeter:
     def on_end(self) -> None:
         tail = bytes(self._tail[-TAIL_BYTES:])
         at = tail.rfind(b'"usage"')
-        usage = tail[at:] if at >= 0 else b""
-        prompt = _PROMPT.search(usage)
-        completion = _COMPLETION.search(usage)
         stats = self._stats
+        if at < 0:
+            prompt = completion = None
+        else:
+            usage = tail[at:]
+            prompt = _PROMPT.search(usage)
+            completion = _COMPLETION.search(usage)
         if prompt is not None:
             stats.prompt_tokens += int(prompt.group(1))
         if completion is not None:

@@ -255,7 +255,7 @@ class Pool:
                 )
                 self.refresh()
         queue = self.queue
-        if queue is not None and queue:
+        if queue is not None and queue.waiters:
             queue.wake_one()
 
     def hold(self, backend: Backend, seconds: float) -> None:

@@ -290,7 +290,7 @@ class Proxy:
             candidates = pool.candidates(())  # every backend was tried: retry on any
         # First come, first served: a newcomer queues behind requests already waiting.
         queue = pool.queue
-        if candidates and (queue is None or tried or not queue):
+        if candidates and (queue is None or tried or not queue.waiters):
             return self._pick(req, pool, candidates, tried, info)
         return None
 
