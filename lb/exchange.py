@@ -28,6 +28,7 @@ from lb.inference import InferenceStats, ResponseMeter
 from lb.load import Attempt
 from lb.request import IncomingRequest
 from lb.retry import parse_retry_after
+from lb.timers import SLACK_S
 from lb.upstream import FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 # A body with no byte for this long (or the whole timeout, if shorter) has stalled.
@@ -38,6 +39,7 @@ class Exchange:
     """Relays one response from ``conn`` to ``client`` for ``req``."""
 
     __slots__ = (
+        "_active_s",
         "_awaiting_token",
         "_chunked",
         "_discard",
@@ -101,6 +103,10 @@ class Exchange:
         self._tunnel = False  # a WebSocket tunnel: bytes relayed both ways until one side ends
         self._awaiting_token = False  # a stream whose first token is still to come
         self._pool_name = pool_name  # for errors the client reads before the attempt ends
+        # Loop time of the last byte relayed once the response started (-1: none yet). The
+        # idle deadline is armed once and, when it fires, moved to idle_s past this time if
+        # bytes came since: a chunk costs an attribute write, not a deadline update.
+        self._active_s = -1.0
 
     def start(self, head: bytes) -> None:
         """Write the request head and the body held so far; stream the rest as it comes."""
@@ -205,7 +211,7 @@ class Exchange:
     def on_client_data(self, data: bytes) -> None:
         self.conn.write(data)
         if self._idle_s is not None and not self.conn.closed:
-            self.conn.deadline.set(self.loop.time() + self._idle_s)
+            self._touch()
 
     def on_client_closed(self) -> None:
         self._ended = True
@@ -232,7 +238,8 @@ class Exchange:
 
     def on_response_body(self, data: bytes) -> None:
         if not self._discard:
-            self._out.append(chunk(data) if self._chunked else data)
+            # chunk(data), inline: run for every piece of a body
+            self._out.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
             meter = self._meter
             if meter is not None:
                 meter.on_body(data)
@@ -289,14 +296,24 @@ class Exchange:
                 self.client.transport.write(data)
                 self.req.bytes_out += len(data)
             out.clear()
-        conn = self.conn
         if (
             not self._ended
             and self.req.response_started
             and self._idle_s is not None
-            and not conn.closed
+            and not self.conn.closed
         ):
-            conn.deadline.set(self.loop.time() + self._idle_s)  # re-armed by every chunk
+            now = self.loop.time()  # self._touch(), inline: run for every chunk
+            if self._active_s < 0.0:
+                self.conn.deadline.set(now + self._idle_s)
+            self._active_s = now
+
+    def _touch(self) -> None:
+        """Bytes moved: the idle deadline counts from now (armed the first time)."""
+        now = self.loop.time()
+        if self._active_s < 0.0:
+            assert self._idle_s is not None
+            self.conn.deadline.set(now + self._idle_s)
+        self._active_s = now
 
     def on_upstream_lost(self, error: UpstreamFailed, response_started: bool) -> None:
         self.flush()
@@ -333,6 +350,11 @@ class Exchange:
             return
         if self._ended:
             return
+        if self._idle_s is not None and self._active_s >= 0.0:
+            due = self._active_s + self._idle_s
+            if self.loop.time() + SLACK_S < due:
+                self.conn.deadline.set(due)  # bytes came since it was armed: not idle yet
+                return
         if self._tunnel:
             # A tunnel idle both ways for idle_s ends; both sides are closed, no error event.
             self._ended = True

@@ -37,6 +37,7 @@ _NON_EMPTY_STRING = re.compile(rb'\s*:\s*"(?!")')
 _QUOTE = ord('"')
 CARRY_BYTES = 32
 TAIL_BYTES = 2048  # the end of a JSON body kept to find its usage
+_TAIL_MAX = 2 * TAIL_BYTES  # kept until then, and cut back to TAIL_BYTES
 MAX_MODELS = 64  # distinct model labels kept; more are counted as "other"
 
 
@@ -129,7 +130,7 @@ class ResponseMeter:
     def on_body(self, data: bytes) -> None:
         tail = self._tail
         tail += data
-        if len(tail) > 2 * TAIL_BYTES:
+        if len(tail) > _TAIL_MAX:
             del tail[:-TAIL_BYTES]
         if not self.sse:
             return

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 # A timer that fires this close to its due time counts as due: libuv's clock has millisecond
 # resolution, so re-arming for a remainder below it would spin.
-_SLACK_S = 0.001
+SLACK_S = 0.001
 
 
 class Deadline:
@@ -75,7 +75,7 @@ class Deadline:
         due = self._due
         if due is None:
             return
-        if self._loop.time() + _SLACK_S < due:
+        if self._loop.time() + SLACK_S < due:
             self._when = due
             self._handle = self._loop.call_at(due, self._fire)
             return

@@ -238,7 +238,9 @@ class UpstreamConnection(asyncio.Protocol):
                     cause = UpstreamFailed(f"invalid HTTP response from backend: {exc}")
                 self._fail(sink, cause)
                 return
-        if self._headers_done and not self._complete and self.sink is sink:
+        if self.sink is not sink:
+            return  # the callbacks ended the exchange
+        if self._headers_done and not self._complete:
             # llhttp holds an unfinished chunk line or trailer until it ends: reads that bring
             # no body byte are bounded like the head.
             if self._body_seen:
@@ -249,8 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
                     sink.flush()
                     self._fail(sink, UpstreamFailed("backend chunk line or trailers too large"))
                     return
-        if self.sink is sink:
-            sink.flush()
+        sink.flush()
         if self._complete and self.sink is sink:
             if self._head_request:
                 # llhttp cannot be told that a HEAD response has no body; start a fresh parser.
