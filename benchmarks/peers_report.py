@@ -10,16 +10,50 @@ BASELINE = "lb"  # the ratio column divides this target's req/s by each target's
 DASH = "-"
 
 
+def round_ratios(small: dict[str, Any], baseline: str = BASELINE) -> dict[str, list[float]]:
+    """Per target, ``baseline``'s req/s over the target's in each round both completed."""
+    targets = small["targets"]
+    base = {r["round"]: r["requests_per_s"] for r in targets.get(baseline, {}).get("rounds", [])}
+    out: dict[str, list[float]] = {}
+    for name, target in targets.items():
+        out[name] = [
+            round(base[r["round"]] / r["requests_per_s"], 3)
+            for r in target.get("rounds", [])
+            if base.get(r["round"]) and r["requests_per_s"]
+        ]
+    return out
+
+
 def ratios(small: dict[str, Any], baseline: str = BASELINE) -> dict[str, float | None]:
-    """``baseline``'s median req/s over each target's; ``None`` where either is missing."""
+    """``baseline``'s req/s over each target's: the median of the per-round ratios, or the
+    ratio of the medians where no round has both; ``None`` where either is missing.
+
+    A round runs every target back to back, so a slow spell of a shared host weighs on both
+    sides of a round's ratio; medians taken apart can come from different spells.
+    """
+    per_round = round_ratios(small, baseline)
     medians = {name: t["median"] for name, t in small["targets"].items()}
     base = medians.get(baseline)
     base_rps = base["requests_per_s"] if base else None
     out: dict[str, float | None] = {}
     for name, median in medians.items():
+        found = sorted(per_round.get(name, []))
+        if found:
+            mid = len(found) // 2
+            value = found[mid] if len(found) % 2 else (found[mid - 1] + found[mid]) / 2
+            out[name] = round(value, 3)
+            continue
         rps = median["requests_per_s"] if median else None
         out[name] = round(base_rps / rps, 3) if base_rps and rps else None
     return out
+
+
+def _spread(values: list[float]) -> str:
+    """``low-high`` of the per-round ratios (one value alone as is)."""
+    if not values:
+        return DASH
+    low, high = min(values), max(values)
+    return f"{low:.2f}" if low == high else f"{low:.2f}-{high:.2f}"
 
 
 def _num(value: Any, digits: int = 2, thousands: bool = False) -> str:
@@ -53,12 +87,13 @@ def _machine(results: dict[str, Any]) -> list[str]:
 def _small(results: dict[str, Any]) -> list[str]:
     small, settings = results["small_requests"], results["settings"]
     ratio = results["ratios"]
+    per_round = round_ratios(small)
     rows = []
     for name, target in small["targets"].items():
         m = target["median"]
         info = results["targets"][name]
         if m is None:
-            rows.append([name, info["placement"], "failed", *[DASH] * 8])
+            rows.append([name, info["placement"], "failed", *[DASH] * 9])
             continue
         rows.append(
             [
@@ -66,6 +101,7 @@ def _small(results: dict[str, Any]) -> list[str]:
                 info["placement"],
                 _num(m["requests_per_s"], thousands=True),
                 _num(ratio.get(name)),
+                _spread(per_round.get(name, [])),
                 _num(m["p50_ms"]),
                 _num(m["p99_ms"]),
                 str(m["non_2xx"]),
@@ -75,7 +111,8 @@ def _small(results: dict[str, Any]) -> list[str]:
                 str(info["connections"]),
             ]
         )
-    header = ["target", "runs on", "req/s", f"{BASELINE} ÷ target", "p50 ms", "p99 ms"]
+    header = ["target", "runs on", "req/s", f"{BASELINE} ÷ target", "per round"]
+    header += ["p50 ms", "p99 ms"]
     header += ["non-2xx", "socket errors", "proxy CPU µs/req", "proxy CPU busy", "connections"]
     lines = [
         "## Small requests",
@@ -83,8 +120,10 @@ def _small(results: dict[str, Any]) -> list[str]:
         f"`wrk -t1 -c<connections> -d{settings['duration_s']}s --latency` POSTing a "
         f"{small['body_bytes']}-byte OpenAI-style body to `/v1/chat/completions`; interleaved "
         f"rounds: {settings['rounds']}; medians over rounds, column by column, error counts "
-        f"summed. `{BASELINE} ÷ target` is {BASELINE}'s req/s over the target's: "
-        f"above 1, {BASELINE} served more.",
+        f"summed. `{BASELINE} ÷ target` is {BASELINE}'s req/s over the target's in the same "
+        "round (a round runs every target back to back, so a slow spell of the host weighs on "
+        "both), the median over rounds; `per round` gives the lowest and highest: above 1, "
+        f"{BASELINE} served more.",
         "",
         *table(header, rows),
         "",

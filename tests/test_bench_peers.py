@@ -19,7 +19,7 @@ from benchmarks.peers import ALL_NAMES, select
 from benchmarks.peers_configs import haproxy_cfg, lb_config, litellm_config, nginx_conf
 from benchmarks.peers_measure import Settings, chat_stream_request, run_chat_wave, summaries
 from benchmarks.peers_plots import series
-from benchmarks.peers_report import ratios, render, write_results
+from benchmarks.peers_report import ratios, render, round_ratios, write_results
 from benchmarks.peers_targets import descendants, parse_stat
 from lb.config import parse_config
 
@@ -174,6 +174,20 @@ def test_ratios_are_none_without_lb() -> None:
     }
 
 
+def test_ratios_pair_rounds_and_take_the_median_ratio() -> None:
+    """Each round's lb is divided by the same round's target; the median of those is the
+    ratio, so a host that slows down for one round moves neither side alone."""
+
+    def rounds(*rps: float) -> dict[str, Any]:
+        return {"median": {"requests_per_s": sorted(rps)[1]}, "rounds": [
+            {"round": i, "requests_per_s": v} for i, v in enumerate(rps, start=1)
+        ]}  # fmt: skip
+
+    small = {"targets": {"lb": rounds(100.0, 50.0, 90.0), "peer": rounds(50.0, 50.0, 30.0)}}
+    assert round_ratios(small) == {"lb": [1.0, 1.0, 1.0], "peer": [2.0, 1.0, 3.0]}
+    assert ratios(small) == {"lb": 1.0, "peer": 2.0}  # medians alone would give 90/50 = 1.8
+
+
 def test_summaries_take_median_rounds_and_keep_failures() -> None:
     """Rounds combine to medians (counts summed); a target without a round has no median."""
     rows: dict[str, list[dict[str, Any]]] = {
@@ -307,7 +321,7 @@ def _results() -> dict[str, Any]:
 def test_the_report_shows_each_target_with_its_ratio() -> None:
     """The small-request table has lb at 1.00, nginx at 0.50 and a failed LiteLLM row."""
     text = render(_results())
-    assert "| lb | CPU 1 | 10,000 | 1.00 | 5.00 | 9.00 | 0 | 0 | 80.0 | 0.80 | 64 |" in text
+    assert "| lb | CPU 1 | 10,000 | 1.00 | 1.00 | 5.00 | 9.00 | 0 | 0 | 80.0 | 0.80 | 64 |" in text
     assert "| nginx | CPU 1 | 20,000 | 0.50 |" in text
     assert "| litellm | CPU 1 | failed |" in text
     assert "| lb | 10.00 | 12.00 | 25.00 | 7.00 | 40.0 | 0 / 64 |" in text
