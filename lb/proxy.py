@@ -43,6 +43,8 @@ from lb.stats import Decision, ErrorRecord
 from lb.strategies import RequestInfo
 
 log = logging.getLogger("lb.proxy")
+# Decision texts formatted and kept (lb.proxy.Proxy._decision); past this many the table restarts.
+MAX_DECISION_TEXTS = 1024
 
 NO_STATUSES: frozenset[int] = frozenset()
 
@@ -68,6 +70,8 @@ class Proxy:
         self.idle = asyncio.Event()  # set while draining once no request is in flight
         # Responses by route name and status class; kept across reloads (counters only grow).
         self.route_responses: dict[str, list[int]] = {}
+        # (strategy, why) -> ("strategy: why", its decision header line); see _pick.
+        self._decisions: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     def swap(self, router: Router, pools: dict[str, Pool]) -> None:
         """Install a new routing table; requests in flight finish on the old one."""
@@ -325,10 +329,14 @@ class Proxy:
         # places (a prefix tree) is still told about it.
         only = len(candidates) == 1 and not strategy.needs_body
         backend = candidates[0] if only else strategy.pick(candidates, info)
-        if self.settings.decision_header is not None:
+        decision_header = self.settings.decision_header
+        if decision_header is not None:
             why = "only candidate" if only else strategy.explain(backend, info)
-            reason = f"{strategy.name}: {why}"
-            req.decision = reason
+            # Strategies give a few distinct reasons over and over: each is formatted once.
+            known = self._decisions.get((strategy.name, why))
+            if known is None:
+                known = self._decision(strategy.name, why, decision_header)
+            reason, req.decision = known
             # tuple.__new__: a NamedTuple's own __new__ is a Python function, run per request.
             pool.stats.decisions.append(
                 tuple.__new__(Decision, (time.time(), req.request_id or b"", backend.name, reason))
@@ -443,21 +451,19 @@ class Proxy:
             if retry_after_s is not None:
                 pool.hold(backend, min(retry_after_s, policy.retry_after_max_s))
 
+    def _decision(self, strategy: str, why: str, header: bytes) -> tuple[str, bytes]:
+        """``strategy: why``, and the response header line saying it; kept for next time."""
+        if len(self._decisions) >= MAX_DECISION_TEXTS:
+            self._decisions.clear()  # reasons with ever-new numbers in them: start over
+        reason = f"{strategy}: {why}"
+        known = self._decisions[(strategy, why)] = (
+            reason,
+            b"%s: %s\r\n" % (header, reason.encode()),
+        )
+        return known
+
     def _extra_lines(self, req: IncomingRequest) -> bytes:
         """Response header lines the proxy adds: the request id, and why this backend."""
         assert req.request_id is not None
         settings = self.settings
-        if settings.decision_header is not None and req.decision:
-            return b"".join(
-                (
-                    settings.request_id_header,
-                    b": ",
-                    req.request_id,
-                    b"\r\n",
-                    settings.decision_header,
-                    b": ",
-                    req.decision.encode(),
-                    b"\r\n",
-                )
-            )
-        return b"%s: %s\r\n" % (settings.request_id_header, req.request_id)
+        return b"".join((settings.request_id_header, b": ", req.request_id, b"\r\n", req.decision))

@@ -78,7 +78,7 @@ class IncomingRequest:
         self.bytes_out = 0  # response bytes written to the client
         self.attempts = 0
         self.backend_name: str | None = None  # the backend of the last attempt
-        self.decision = ""  # "strategy: why", for the decision header
+        self.decision = b""  # the decision header line ("x-lb-decision: strategy: why\r\n")
         self.route: str | None = None  # the name of the route that matched
 
     @property

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+import lb.proxy
 from lb.app import App
 from tests.conftest import free_port, pool, proxy_config, url
 
@@ -311,6 +312,23 @@ async def test_the_decision_header_names_the_strategy_and_a_reason(backends, sta
     strategy, sep, reason = decision.partition(":")
     assert (strategy, sep) == ("round_robin", ":")
     assert reason.strip()
+
+
+async def test_ever_new_reasons_each_reach_their_response_and_the_kept_texts_stay_bounded(
+    backends, start_proxy, monkeypatch
+):
+    """Decision texts are formatted once and kept, but a strategy whose reasons never repeat
+    still gets its own reason on every response, and the proxy keeps a bounded number."""
+    monkeypatch.setattr(lb.proxy, "MAX_DECISION_TEXTS", 3)
+    b0, b1 = await backends(2)
+    cfg = pool("chat", [b0, b1], "tests.strategies.custom_strategy:NumberedReasons")
+    app = await start_proxy(proxy_config([cfg]))
+    async with aiohttp.ClientSession() as s:
+        for n in range(1, 9):
+            async with s.get(url(app, "/echo")) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-lb-decision"] == f"numbered: pick {n}"
+    assert len(app.proxy._decisions) <= 3
 
 
 async def test_the_decision_header_can_be_turned_off(backends, start_proxy):

@@ -134,6 +134,10 @@ class RoundRobin(Strategy):
         current[best] = best_current - total
         return best
 
+    def explain(self, backend: Backend, request: RequestInfo) -> str:
+        """The rotation chose it: its turn, by weight, whatever its load."""
+        return "next in turn"
+
     def _membership(self, candidates: Sequence[Backend]) -> Container[Backend]:
         """Something to test ``backend in candidates`` with in O(1)."""
         if isinstance(candidates, tuple):

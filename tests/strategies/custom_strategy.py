@@ -17,6 +17,23 @@ class FirstBackend(Strategy):
         return candidates[0]
 
 
+class NumberedReasons(Strategy):
+    """The first candidate, with a reason no earlier pick gave (``pick 1``, ``pick 2``...)."""
+
+    name = "numbered"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.picks = 0
+
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
+        self.picks += 1
+        return candidates[0]
+
+    def explain(self, backend: Backend, request: RequestInfo) -> str:
+        return f"pick {self.picks}"
+
+
 class NotAStrategy:
     """A class that does not derive from Strategy."""
 
