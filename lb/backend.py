@@ -109,7 +109,8 @@ class Backend:
     reported_kv_usage: float | None = None  # KV-cache usage, 0..1
     reported_at_s: float = 0.0
 
-    _authority: bytes | None = field(default=None, repr=False)  # cached by authority
+    # ``host:port`` as sent in a Host header, IPv6 literals in brackets (set from host, port).
+    authority: bytes = field(default=b"", init=False, repr=False)
 
     # The totals of the pool this backend belongs to (None for a backend in no pool).
     pool_load: PoolLoad | None = None
@@ -149,21 +150,13 @@ class Backend:
 
     def __post_init__(self) -> None:
         self.effective_weight = float(self.weight)
-
-    @property
-    def authority(self) -> bytes:
-        """``host:port`` as sent in a ``Host`` header, IPv6 literals in brackets."""
-        authority = self._authority
-        if authority is None:
-            host = f"[{self.host}]" if ":" in self.host else self.host
-            authority = self._authority = f"{host}:{self.port}".encode()
-        return authority
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.authority = f"{host}:{self.port}".encode()
 
     @property
     def origin(self) -> str:
         """``scheme://host:port``, with an IPv6 literal in brackets: the base of URLs to it."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{self.scheme}://{self.authority.decode()}"
 
     @property
     def has_room(self) -> bool:

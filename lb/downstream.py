@@ -431,7 +431,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.close_lingering()
             return
-        self._resume_reading(PAUSE_BODY_HELD | PAUSE_UPSTREAM)
+        if self._pause:
+            self._resume_reading(PAUSE_BODY_HELD | PAUSE_UPSTREAM)
         if self._queue:
             nxt = self._queue.popleft()
             self._start(nxt)

@@ -168,7 +168,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed:
             return
         if not self._broken and self._keep_alive and body is not None and body.complete:
-            self.resume_reading()
+            if self._reading_paused:
+                self.resume_reading()
             self.pool.release(self)
         else:
             self.close()
