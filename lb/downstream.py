@@ -76,7 +76,6 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, handler: Handler, limits: ListenerLimits) -> None:
         self.handler = handler
         self.limits = limits
-        self._max_header_bytes = limits.max_header_bytes  # read per header field
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer_ip = ""
@@ -146,7 +145,7 @@ class ClientConnection(asyncio.Protocol):
                 # and after it, reads without a body byte (a chunk line, trailers).
                 if not self._headers_done:
                     self._head_raw_bytes += len(data)
-                    if self._head_raw_bytes > self._max_header_bytes:
+                    if self._head_raw_bytes > self.limits.max_header_bytes:
                         self._fail(self._header_limit_error())
                     elif self._head_raw_bytes == len(data) and self._current is None:
                         # A head begun in this read and unfinished: it has header_timeout_s
@@ -226,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._header_bytes += len(url)
-        if self._header_bytes > self._max_header_bytes:
+        if self._header_bytes > self.limits.max_header_bytes:
             self._callback_error = self._header_limit_error()
             raise self._callback_error
         req = self._parsing
@@ -239,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
         # Trailer fields count against the same limit as the head: they are held until the
         # body ends, so without it a chunked body could end in an endless trailer section.
         self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        if self._header_bytes > self._max_header_bytes:
+        if self._header_bytes > self.limits.max_header_bytes:
             self._callback_error = self._header_limit_error()
             raise self._callback_error
         if self._headers_done:

@@ -70,8 +70,8 @@ class Proxy:
         self.idle = asyncio.Event()  # set while draining once no request is in flight
         # Responses by route name and status class; kept across reloads (counters only grow).
         self.route_responses: dict[str, list[int]] = {}
-        # (strategy, why) -> ("strategy: why", its decision header line); see _pick.
-        self._decisions: dict[tuple[str, str], tuple[str, bytes]] = {}
+        # (header, strategy, why) -> ("strategy: why", its header line); see _pick.
+        self._decisions: dict[tuple[bytes, str, str], tuple[str, bytes]] = {}
 
     def swap(self, router: Router, pools: dict[str, Pool]) -> None:
         """Install a new routing table; requests in flight finish on the old one."""
@@ -332,10 +332,11 @@ class Proxy:
         decision_header = self.settings.decision_header
         if decision_header is not None:
             why = "only candidate" if only else strategy.explain(backend, info)
-            # Strategies give a few distinct reasons over and over: each is formatted once.
-            known = self._decisions.get((strategy.name, why))
+            # Strategies give a few distinct reasons over and over: each is formatted once
+            # (per header name: a reload may rename the header).
+            known = self._decisions.get((decision_header, strategy.name, why))
             if known is None:
-                known = self._decision(strategy.name, why, decision_header)
+                known = self._decision(decision_header, strategy.name, why)
             reason, req.decision = known
             # tuple.__new__: a NamedTuple's own __new__ is a Python function, run per request.
             pool.stats.decisions.append(
@@ -451,12 +452,12 @@ class Proxy:
             if retry_after_s is not None:
                 pool.hold(backend, min(retry_after_s, policy.retry_after_max_s))
 
-    def _decision(self, strategy: str, why: str, header: bytes) -> tuple[str, bytes]:
+    def _decision(self, header: bytes, strategy: str, why: str) -> tuple[str, bytes]:
         """``strategy: why``, and the response header line saying it; kept for next time."""
         if len(self._decisions) >= MAX_DECISION_TEXTS:
             self._decisions.clear()  # reasons with ever-new numbers in them: start over
         reason = f"{strategy}: {why}"
-        known = self._decisions[(strategy, why)] = (
+        known = self._decisions[(header, strategy, why)] = (
             reason,
             b"%s: %s\r\n" % (header, reason.encode()),
         )

@@ -513,6 +513,46 @@ async def test_reload_picks_up_a_backend_added_to_the_file(backends, start_from_
     assert await _served_by(app, 4) == {"b0": 2, "b1": 2}
 
 
+async def test_a_reload_renaming_the_decision_header_is_obeyed(backends, start_from_file):
+    """The decision texts the proxy keeps are per header name: after a reload renames the
+    header, responses carry the new name and not the old one."""
+    b0, b1 = await backends(2)
+    config = proxy_config([pool("chat", [b0, b1])])
+    app, path = await start_from_file(config)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(app, "/a")) as resp:
+            assert "x-lb-decision" in resp.headers
+        path.write_text(yaml.safe_dump({**config, "headers": {"decision_header": "x-why"}}))
+        assert await app.reload()
+        async with s.get(url(app, "/b")) as resp:
+            assert resp.headers["x-why"] == "round_robin: next in turn"
+            assert "x-lb-decision" not in resp.headers
+
+
+async def test_a_reload_lowering_max_header_bytes_holds_on_open_connections(
+    backends, start_from_file
+):
+    """A keep-alive connection opened before a reload that lowers ``max_header_bytes`` gets
+    the new limit: its next oversized head is a 431."""
+    (b0,) = await backends(1)
+    config = proxy_config([pool("chat", [b0])], limits={"max_header_bytes": 65536})
+    app, path = await start_from_file(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await asyncio.wait_for(reader.readexactly(length), 5)
+        path.write_text(yaml.safe_dump({**config, "limits": {"max_header_bytes": 2048}}))
+        assert await app.reload()
+        writer.write(b"GET /b HTTP/1.1\r\nHost: t\r\nX-Pad: %s\r\n\r\n" % (b"p" * 8000))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 431"), head
+    finally:
+        writer.close()
+
+
 async def test_a_drained_backend_stays_drained_across_a_reload(backends, start_from_file):
     """A backend kept by a reload keeps the operator's drain."""
     b0, b1, b2 = await backends(3)
