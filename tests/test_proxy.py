@@ -249,6 +249,25 @@ async def test_a_long_stream_with_steady_chunks_is_not_cut_by_the_idle_timeout(
     assert body.count(b"chunk-") == 12
 
 
+async def test_a_quiet_response_on_a_reused_upstream_connection_is_cut_after_the_idle_timeout(
+    backends, start_proxy
+):
+    """The idle deadline outlives each exchange on a kept-alive upstream connection: after a
+    steady stream, the next response on that connection that goes quiet is still cut."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])], timeouts={"idle_s": 0.3}))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(app, "/stream?chunks=8&interval_ms=50")) as resp:
+            assert (await asyncio.wait_for(resp.read(), 10)).count(b"chunk-") == 8
+        resp = await s.get(url(app, "/stream?hold=1&chunks=1"))
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(resp.read(), 5)
+        resp.release()
+    (chat,) = app.proxy.pools.values()
+    assert [p.connects_total for p in chat.upstreams.values()] == [1]  # one connection, reused
+
+
 async def test_a_backend_dying_mid_body_gives_a_truncated_response(backends, start_proxy):
     """A backend that cuts its connection mid-body leaves the client a detectable truncation."""
     (b0,) = await backends(1)

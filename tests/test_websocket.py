@@ -228,6 +228,42 @@ async def test_an_idle_tunnel_is_closed_after_the_idle_timeout(ws_backends, star
     await until(lambda: b0.open_sessions == 0)
 
 
+async def test_a_tunnel_the_client_alone_keeps_busy_outlives_the_idle_timeout(start_proxy):
+    """Bytes from the client count as activity even when the backend answers nothing: the
+    tunnel lasts as long as they keep coming less than ``idle_s`` apart, then ends."""
+    got = bytearray()
+
+    async def silent_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        while piece := await reader.read(100):
+            got.extend(piece)
+        writer.close()
+
+    server = await asyncio.start_server(silent_upgrade, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = WSBackend("silent", port=port)
+    app = await start_proxy(proxy_config([ws_pool([backend], timeouts={"idle_s": 0.3})]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+        assert head.startswith(b"HTTP/1.1 101")
+        for _ in range(12):  # 1.2 s of client bytes 0.1 s apart: four idle periods
+            writer.write(b"x")
+            await asyncio.sleep(0.1)
+        await until(lambda: len(got) == 12)
+        assert await asyncio.wait_for(reader.read(), READ_TIMEOUT_S) == b""  # then idle: ended
+    finally:
+        writer.close()
+        server.close()
+
+
 async def test_a_client_gone_mid_handshake_leaves_nothing_behind(ws_backends, start_proxy):
     (b0,) = await ws_backends(1)
     app = await start_proxy(proxy_config([ws_pool([b0])]))
