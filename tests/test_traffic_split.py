@@ -376,6 +376,9 @@ async def test_a_shadow_strategy_counts_one_agreement_or_disagreement_per_first_
     cfg["backends"].append(dead_backend())  # its attempts fail to connect and are retried
     cfg["health_check"] = NO_HEALTH_CHECKS
     cfg["outlier_detection"] = {"enabled": False}
+    # Every request in flight may retry: with the default budget (3 retries in flight), three
+    # clients retrying at once leave the fourth's failed attempt unretried, a 502.
+    cfg["retry"] = {"budget_min_concurrent": 4}
     app = await start_proxy(proxy_config([cfg]))
     served = await send(app, 60, concurrency=4)
     assert sum(served.values()) == 60
