@@ -289,7 +289,10 @@ class ClientConnection(asyncio.Protocol):
             elif lname == b"expect":
                 req.expect_continue = value.strip().lower() == b"100-continue"
             elif lname == b"connection":
-                req.connection_header = True
+                # Tokens name more hop-by-hop fields, but keep-alive's field is one already:
+                # the usual value spares request_head another pass over the fields.
+                if value.lower() != b"keep-alive":
+                    req.connection_header = True
             elif lname == rid_name:
                 req.request_id = value
         url = req.url

@@ -57,7 +57,8 @@ def request_head(
     """The request line and headers to send upstream, framing and forwarding fields included.
 
     ``connection_header``: False when the caller knows ``headers`` hold no ``Connection``
-    field, whose tokens would otherwise be looked for. ``upgrade``: the request is a WebSocket
+    field but ``keep-alive`` ones (whose field is hop-by-hop anyway), so that no token needs
+    looking for. ``upgrade``: the request is a WebSocket
     handshake; its ``Connection: upgrade`` and ``Upgrade`` (hop-by-hop, so not copied) are
     sent on to the backend.
     """

@@ -63,7 +63,8 @@ class IncomingRequest:
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False
-        self.connection_header = False  # a Connection field came: its tokens are hop-by-hop
+        # A Connection field other than "keep-alive" came: its tokens name hop-by-hop fields.
+        self.connection_header = False
         self.expect_continue = False
         self.host: bytes | None = None
         self.request_id: bytes | None = None

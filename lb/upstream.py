@@ -104,7 +104,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._upgrade = False  # the request is a WebSocket handshake
         self._tunnel = False  # the backend switched protocols: bytes are relayed as they come
         self.content_type = b""  # of the current response, lowercased, once its head is parsed
-        self.connection_header = True  # False once a final head is parsed without Connection
+        # False once a final head is parsed with no Connection field but keep-alive ones.
+        self.connection_header = True
 
     # -- used by the proxy ------------------------------------------------------------------
 
@@ -337,8 +338,8 @@ class UpstreamConnection(asyncio.Protocol):
             lname = name.lower()
             if lname == b"content-type":
                 content_type = value.lower()
-            elif lname == b"connection":
-                connection = True
+            elif lname == b"connection" and value.lower() != b"keep-alive":
+                connection = True  # tokens to look for (keep-alive's field is hop-by-hop)
             elif lname == b"content-length":
                 length = True
             elif lname == b"transfer-encoding":

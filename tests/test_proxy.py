@@ -150,6 +150,25 @@ async def test_hop_by_hop_headers_are_dropped_and_forwarding_headers_set(backend
     assert seen["x-request-id"] == rid
 
 
+async def test_a_field_named_by_a_second_connection_field_is_dropped_after_a_keep_alive_one(
+    backends, start_proxy
+):
+    """``Connection: keep-alive`` alone names nothing to drop, but a later Connection field
+    still does: the field it names never reaches the backend."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    raw = await raw_exchange(
+        app.port,
+        b"GET /h HTTP/1.1\r\nHost: t\r\nConnection: keep-alive\r\nX-Kept: 1\r\n"
+        b"Connection: X-Drop-Me, close\r\nX-Drop-Me: secret\r\n\r\n",
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    seen = {k.lower(): v for k, v in json.loads(body)["headers"]}
+    assert seen["x-kept"] == "1"
+    assert "x-drop-me" not in seen
+
+
 async def test_a_client_request_id_is_passed_through_and_returned(backends, start_proxy):
     """An incoming X-Request-ID reaches the backend unchanged and comes back to the client."""
     (b0,) = await backends(1)
