@@ -40,9 +40,12 @@ class ForwardingSettings:
     # Every request field name request_head does more with than copy: one lookup tells an
     # ordinary field, which is most of them.
     request_special: frozenset[bytes] = field(init=False, repr=False)
+    # Response field names never copied to the client (the proxy writes its own request id).
+    response_dropped: frozenset[bytes] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.request_special = _STRIP_FROM_REQUEST | _FORWARDED | {self.request_id_header}
+        self.response_dropped = _STRIP_FROM_RESPONSE | {self.request_id_header}
 
 
 def request_head(
@@ -123,11 +126,11 @@ def response_head(
     ``connection_header`` is as for :func:`request_head`.
     """
     tokens = connection_tokens(headers) if connection_header else _NO_TOKENS
-    rid_name = settings.request_id_header
+    dropped = settings.response_dropped
     out = [status_line(status)]
     for name, value in headers:
         lname = name.lower()
-        if lname in _STRIP_FROM_RESPONSE or lname in tokens or lname == rid_name:
+        if lname in dropped or lname in tokens:
             continue
         out += (name, b": ", value, b"\r\n")
     if chunked:
