@@ -67,9 +67,8 @@ def request_head(
 
     ``connection_header``: False when the caller knows ``headers`` hold no ``Connection``
     field but ``keep-alive`` ones (whose field is hop-by-hop anyway), so that no token needs
-    looking for. ``upgrade``: the request is a WebSocket
-    handshake; its ``Connection: upgrade`` and ``Upgrade`` (hop-by-hop, so not copied) are
-    sent on to the backend.
+    looking for. ``upgrade``: the request is a WebSocket handshake; its ``Connection:
+    upgrade`` and ``Upgrade`` (hop-by-hop, so not copied) are sent on to the backend.
     """
     tokens = connection_tokens(headers) if connection_header else _NO_TOKENS
     rid_name = settings.request_id_header
