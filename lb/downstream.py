@@ -224,10 +224,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers_done = False
 
     def on_url(self, url: bytes) -> None:
-        self._header_bytes += len(url)
-        if self._header_bytes > self.limits.max_header_bytes:
-            self._callback_error = self._header_limit_error()
-            raise self._callback_error
+        self._count_header_bytes(len(url))
         req = self._parsing
         assert req is not None
         req.url += url
@@ -237,7 +234,7 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         # Trailer fields count against the same limit as the head: they are held until the
         # body ends, so without it a chunked body could end in an endless trailer section.
-        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        self._header_bytes += len(name) + len(value) + 4  # _count_header_bytes, inline
         if self._header_bytes > self.limits.max_header_bytes:
             self._callback_error = self._header_limit_error()
             raise self._callback_error
@@ -245,6 +242,12 @@ class ClientConnection(asyncio.Protocol):
             req.body.trailers.append((name, value))
             return
         req.headers.append((name, value))
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._callback_error = self._header_limit_error()
+            raise self._callback_error
 
     def _header_limit_error(self) -> HeadersTooLarge:
         return HeadersTooLarge(

@@ -210,8 +210,7 @@ class Exchange:
 
     def on_client_data(self, data: bytes) -> None:
         self.conn.write(data)
-        if self._idle_s is not None and not self.conn.closed:
-            self._touch()
+        self.flush()  # nothing to write the client, but the bytes count against idle_s
 
     def on_client_closed(self) -> None:
         self._ended = True
@@ -302,18 +301,10 @@ class Exchange:
             and self._idle_s is not None
             and not self.conn.closed
         ):
-            now = self.loop.time()  # self._touch(), inline: run for every chunk
+            now = self.loop.time()  # the idle deadline counts from now (armed the first time)
             if self._active_s < 0.0:
                 self.conn.deadline.set(now + self._idle_s)
             self._active_s = now
-
-    def _touch(self) -> None:
-        """Bytes moved: the idle deadline counts from now (armed the first time)."""
-        now = self.loop.time()
-        if self._active_s < 0.0:
-            assert self._idle_s is not None
-            self.conn.deadline.set(now + self._idle_s)
-        self._active_s = now
 
     def on_upstream_lost(self, error: UpstreamFailed, response_started: bool) -> None:
         self.flush()
