@@ -28,7 +28,10 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 @dataclass
 class Recorder:
-    """A backend that records every request it gets; ``hang`` holds them until ``release``."""
+    """A backend that records every request it gets; ``hang`` holds them until ``release``.
+
+    The proxy's health probes (``GET /health``, which may land at any time during a test) are
+    counted in ``probes``, apart from the mirrored traffic in ``seen``."""
 
     name: str
     runner: web.AppRunner
@@ -36,6 +39,7 @@ class Recorder:
     status: int = 200
     hang: bool = False
     seen: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, body sha256
+    probes: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -63,6 +67,11 @@ async def recorders() -> AsyncIterator[RecorderFactory]:
                 await rec.release.wait()
             return web.json_response({"recorder": rec.name}, status=rec.status)
 
+        async def probe(request: web.Request) -> web.Response:
+            rec.probes += 1
+            return web.json_response({"recorder": rec.name})
+
+        app.router.add_get("/health", probe)
         app.router.add_route("*", "/{tail:.*}", record)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
