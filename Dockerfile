@@ -18,7 +18,16 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY lb ./lb
 COPY backends ./backends
-RUN pip install . && rm -rf /src
+# The data plane is compiled with mypyc (lb/native.py) by a compiler installed and removed in
+# this one layer; should the compile fail, the image still runs, as pure Python.
+ENV LB_NATIVE_DIR=/opt/lb-native
+RUN pip install '.[native]' \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && (cd / && python -m lb.native_build build || echo "lb: no compiled build; pure Python") \
+    && pip uninstall -y mypy \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* /src
 
 COPY config.yaml /etc/lb/config.yaml
 

@@ -12,6 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from lb import native
+
 PACKAGES = ("uvloop", "aiohttp", "httptools")
 
 
@@ -82,6 +84,14 @@ def host_label() -> str:
     return "local" if name in ("", "localhost") else name
 
 
+def data_plane() -> str:
+    """``compiled`` or ``pure (why)``: the build a proxy process started now would import."""
+    if os.environ.get("LB_NATIVE", "1") == "0":
+        return "pure (LB_NATIVE=0)"
+    reason = native.stale_reason(native.native_dir())
+    return "compiled (mypyc)" if reason is None else f"pure ({reason})"
+
+
 def describe(root: Path) -> dict[str, Any]:
     """CPU, cores, memory, kernel, Python and package versions, and the git commit."""
     commit, dirty = git_commit(root)
@@ -92,7 +102,9 @@ def describe(root: Path) -> dict[str, Any]:
         "kernel": platform.release(),
         # The interpreter's own file, not the venv's link: builds differ by about a fifth in
         # speed (a distribution's, optimized with profiles and at link time, or a plain one).
-        "python": f"{platform.python_version()} ({os.path.realpath(sys.executable)})",
+        # Then which build of lb's data plane a proxy started from here runs (lb/native.py).
+        "python": f"{platform.python_version()} ({os.path.realpath(sys.executable)});"
+        f" lb data plane: {data_plane()}",
         "packages": {name: package_version(name) for name in PACKAGES},
         "wrk": wrk_version(),
         "git_commit": commit,

@@ -11,19 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from lb.errors import ProxyError
+from lb.errors import Rejected
 from lb.stats import Histogram
-
-
-class Rejected(ProxyError):
-    """The pool is saturated: the queue is full or the wait expired."""
-
-    type = "overloaded"
-
-    def __init__(self, message: str, *, status: int, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = [b"retry-after: %d\r\n" % retry_after_s]
 
 
 class AdmissionQueue:

@@ -23,6 +23,7 @@ from typing import TextIO, cast
 
 from aiohttp import web
 
+from lb import native
 from lb.access_log import AccessLogger
 from lb.admin import make_admin_app
 from lb.build import (
@@ -118,11 +119,12 @@ class App:
                 host, port = config.admin.host, config.admin.port
                 await _bind_named("admin", host, port, self._start_admin(host, port))
             log.info(
-                "proxy listening on http://%s, admin on %s",
+                "proxy listening on http://%s, admin on %s; data plane: %s",
                 host_port(config.listen.host, self.port),
                 f"http://{host_port(config.admin.host, self.admin_port)}"
                 if config.admin.enabled
                 else "(disabled)",
+                native.build_in_use,
             )
             return
         # A worker: private admin first, so that the supervisor can replay runtime changes

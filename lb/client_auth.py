@@ -10,18 +10,8 @@ from __future__ import annotations
 
 import hmac
 
-from lb.errors import ProxyError
+from lb.errors import Unauthorized
 from lb.request import IncomingRequest
-
-
-class Unauthorized(ProxyError):
-    status = 401
-    type = "unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.headers = [b'www-authenticate: Bearer realm="lb"\r\n']
-
 
 _AUTHORIZATION = b"authorization"
 _API_KEY = b"api-key"

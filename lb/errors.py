@@ -55,6 +55,17 @@ class ModelMissing(ProxyError):
         super().__init__("you must provide a model parameter")
 
 
+class Unauthorized(ProxyError):
+    """A route needs a client key the request lacks or gets wrong."""
+
+    status = 401
+    type = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = [b'www-authenticate: Bearer realm="lb"\r\n']
+
+
 class RequestTimeout(ProxyError):
     status = 408
     type = "request_timeout"
@@ -68,6 +79,17 @@ class BodyTooLarge(ProxyError):
 class HeadersTooLarge(ProxyError):
     status = 431
     type = "headers_too_large"
+
+
+class Rejected(ProxyError):
+    """The pool is saturated: the queue is full or the wait expired."""
+
+    type = "overloaded"
+
+    def __init__(self, message: str, *, status: int, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = [b"retry-after: %d\r\n" % retry_after_s]
 
 
 class MethodNotAllowed(ProxyError):

@@ -12,8 +12,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lb.client_auth import ClientKeys, Unauthorized
-from lb.errors import ModelMissing, ModelNotFound, NoRoute
+from lb.client_auth import ClientKeys
+from lb.errors import ModelMissing, ModelNotFound, NoRoute, Unauthorized
 from lb.pool import Pool
 from lb.request import IncomingRequest
 from lb.retry import RetryPolicy

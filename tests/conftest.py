@@ -14,6 +14,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from lb import native
 from lb.app import App
 from lb.config import parse_config
 
@@ -23,6 +24,13 @@ _HANDED_OUT: set[int] = set()
 # The data plane's own tests also run on the standard loop; everything else runs on uvloop,
 # the loop the product runs on.
 _BOTH_LOOPS = ("test_proxy.py", "test_http_framing.py", "test_websocket.py")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which build of the data plane the suite runs on (lb/native.py)."""
+    if native.build_in_use == "compiled":
+        return f"lb build: compiled ({len(native.COMPILED)} modules in {native.native_dir()})"
+    return "lb build: pure Python"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

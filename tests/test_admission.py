@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from lb.admission import AdmissionQueue, Rejected
+from lb.admission import AdmissionQueue
+from lb.errors import Rejected
 
 # Loop turns granted for queued tasks to reach their next await; far more than any test needs.
 MAX_TURNS = 50

@@ -8,11 +8,11 @@ from email.utils import formatdate
 
 import pytest
 
-from lb.admission import Rejected
 from lb.config_resilience import Retry
 from lb.errors import (
     NoBackendAvailable,
     ProxyError,
+    Rejected,
     UpstreamFailed,
     UpstreamStatus,
     UpstreamTimeout,
