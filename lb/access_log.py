@@ -14,10 +14,10 @@ import random
 import sys
 import time
 from json.encoder import encode_basestring_ascii
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 FLUSH_INTERVAL_S = 0.05
-MAX_BUFFERED_LINES = 1000
+MAX_BUFFERED_LINES: Final = 1000
 
 
 class AccessLogger:

@@ -11,14 +11,14 @@ import math
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from lb.histogram import Histogram
 
 # Peak-EWMA defaults (tower's `load::peak_ewma`, Finagle's `PeakEwma`): the estimate decays
 # towards new samples with time constant `decay_s`, but jumps up to any sample above it at once.
-DEFAULT_DECAY_S = 10.0
+DEFAULT_DECAY_S: Final = 10.0
 
 
 def decay_seconds(options: Mapping[str, Any]) -> float:
@@ -36,9 +36,9 @@ def decay_seconds(options: Mapping[str, Any]) -> float:
 
 
 # Below this, a decayed failure score counts as no failure at all.
-FAILURE_SCORE_FLOOR = 0.01
+FAILURE_SCORE_FLOOR: Final = 0.01
 # Estimate for a backend that has never answered: a modest guess, so new backends get tried.
-DEFAULT_RTT_S = 0.030
+DEFAULT_RTT_S: Final = 0.030
 
 
 class PoolLoad:

@@ -9,12 +9,13 @@ unless the route sets ``forward_key``; it is never logged (the access log has no
 from __future__ import annotations
 
 import hmac
+from typing import Final
 
 from lb.errors import Unauthorized
 from lb.request import IncomingRequest
 
-_AUTHORIZATION = b"authorization"
-_API_KEY = b"api-key"
+_AUTHORIZATION: Final = b"authorization"
+_API_KEY: Final = b"api-key"
 
 
 class ClientKeys:
@@ -51,4 +52,4 @@ class ClientKeys:
             raise Unauthorized("invalid API key")
 
 
-_KEY_HEADERS = frozenset({_AUTHORIZATION, _API_KEY})
+_KEY_HEADERS: Final = frozenset({_AUTHORIZATION, _API_KEY})

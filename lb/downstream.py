@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import httptools
 
@@ -30,37 +30,37 @@ from lb.errors import (
     VersionNotSupported,
     error_body,
 )
-from lb.http1 import normalize_target, status_line
+from lb.http1 import needs_normalizing, normalize_target, status_line
 from lb.request import IncomingRequest, ListenerLimits
 from lb.timers import Deadline
 from lb.tunnel import TUNNEL_HOLD_BYTES, TunnelPeer, websocket_upgrade
 
-TASK_NAME = "lb-request"
+TASK_NAME: Final = "lb-request"
 
 log = logging.getLogger("lb.downstream")
 
 # After an answer to a request whose body is still coming, the client's bytes are read and
 # dropped this long before the connection closes (see ClientConnection.close_lingering).
-LINGER_S = 2.0
+LINGER_S: Final = 2.0
 
 # Reasons the client's reading is paused; reading resumes when none is left.
 # The request fields the head's parse reads; the others are only forwarded.
-_HEAD_FIELDS = frozenset(
+_HEAD_FIELDS: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"host", b"expect", b"connection"}
 )
-PAUSE_PIPELINE = 1  # pipelined requests wait, and PIPELINE_HOLD_BYTES more are held
-PAUSE_BODY_HELD = 2  # body bytes wait for an upstream connection
-PAUSE_UPSTREAM = 4  # the backend is not reading the body as fast as the client sends it
-PAUSE_TUNNEL = 8  # bytes after a WebSocket handshake wait for the backend's answer
+PAUSE_PIPELINE: Final = 1  # pipelined requests wait, and PIPELINE_HOLD_BYTES more are held
+PAUSE_BODY_HELD: Final = 2  # body bytes wait for an upstream connection
+PAUSE_UPSTREAM: Final = 4  # the backend is not reading the body as fast as the client sends it
+PAUSE_TUNNEL: Final = 8  # bytes after a WebSocket handshake wait for the backend's answer
 
 
 # Bytes read and held unparsed behind a waiting pipelined request. Reading goes on until then,
 # so that a client that leaves is noticed: a paused socket does not report its close.
-PIPELINE_HOLD_BYTES = 64 << 10
+PIPELINE_HOLD_BYTES: Final = 64 << 10
 
 # Stands in for the parser of a connection that is closed: never fed (data_received returns
 # first), it only lets the closed connection drop its own parser and the cycle through it.
-_CLOSED_PARSER = httptools.HttpRequestParser(object())
+_CLOSED_PARSER: Final = httptools.HttpRequestParser(object())
 
 
 class Handler(Protocol):
@@ -324,7 +324,7 @@ class ClientConnection(asyncio.Protocol):
         # Routes (and their API keys) match the normalized path, and the backend gets the
         # same: /%70rivate or /a/../private cannot slip past a route for /private.
         url = req.url
-        if url.find(b"/.") >= 0 or url.find(b"//") >= 0 or url.find(b"%") >= 0:
+        if needs_normalizing(url):
             req.url = normalize_target(url)
         has_body = req.chunked or bool(req.content_length)
         if parser.should_upgrade():

@@ -10,18 +10,19 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
+from typing import Final
 
 from lb.http1 import HOP_BY_HOP, Headers, connection_tokens, status_line
 
-_STRIP_FROM_REQUEST = HOP_BY_HOP | {b"expect", b"content-length"}
+_STRIP_FROM_REQUEST: Final = HOP_BY_HOP | {b"expect", b"content-length"}
 # What a copy made by another HTTP client must not carry over (it frames its own body).
-HOP_BY_HOP_REQUEST = _STRIP_FROM_REQUEST | {b"host"}
-_STRIP_FROM_RESPONSE = HOP_BY_HOP
-_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
-_NO_TOKENS: frozenset[bytes] = frozenset()
+HOP_BY_HOP_REQUEST: Final = _STRIP_FROM_REQUEST | {b"host"}
+_STRIP_FROM_RESPONSE: Final = HOP_BY_HOP
+_FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
-_ID_PREFIX = os.urandom(6).hex().encode()
-_ID_COUNTER = itertools.count(1)
+_ID_PREFIX: Final = os.urandom(6).hex().encode()
+_ID_COUNTER: Final = itertools.count(1)
 
 
 def new_request_id() -> bytes:
@@ -88,12 +89,18 @@ def request_head(
                 if lname == b"x-forwarded-for":
                     prior_xff.append(value)
                 continue
-        out += (name, b": ", value, b"\r\n")
+        # Appends, not ``out += (...)``: the compiled build calls PyList_Append directly, where
+        # a tuple would be built and concatenated.
+        out.append(name)
+        out.append(b": ")
+        out.append(value)
+        out.append(b"\r\n")
     if host is None:
         out += (b"host: ", default_host, b"\r\n")
     if forwarded:
         prior_xff.append(client_ip)
-        out += (b"x-forwarded-for: ", b", ".join(prior_xff), b"\r\nx-forwarded-proto: http\r\n")
+        xff = client_ip if len(prior_xff) == 1 else b", ".join(prior_xff)
+        out += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: http\r\n")
         if host is not None:
             out += (b"x-forwarded-host: ", host, b"\r\n")
     out += (rid_name, b": ", request_id, b"\r\n")
@@ -131,7 +138,10 @@ def response_head(
         lname = name.lower()
         if lname in dropped or lname in tokens:
             continue
-        out += (name, b": ", value, b"\r\n")
+        out.append(name)
+        out.append(b": ")
+        out.append(value)
+        out.append(b"\r\n")
     if chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     if not keep_alive:

@@ -27,15 +27,16 @@ import math
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Final
 
 from lb.backend import DEFAULT_DECAY_S, Backend
 
 Clock = Callable[[], float]
 
 # A failure counts as a latency sample of at least this much, and at least twice the estimate.
-FAILURE_FLOOR_S = 0.25
+FAILURE_FLOOR_S: Final = 0.25
 # The estimate never grows past this: a dead backend must still be retried once it decays.
-MAX_RTT_S = 60.0
+MAX_RTT_S: Final = 60.0
 
 
 def record_rtt(backend: Backend, sample_s: float, now_s: float, decay_s: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -26,7 +27,7 @@ from lb.load_report import LoadReporter
 from lb.pool import Pool
 from lb.stats import Histogram
 
-CODE_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+CODE_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 @dataclass(slots=True)

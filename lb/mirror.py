@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from typing import Final
 
 import aiohttp
 
@@ -25,8 +26,8 @@ from lb.tls import aiohttp_tls
 
 log = logging.getLogger("lb.mirror")
 
-MIRROR_TIMEOUT_S = 600.0
-MAX_MIRRORS_IN_FLIGHT = 256
+MIRROR_TIMEOUT_S: Final = 600.0
+MAX_MIRRORS_IN_FLIGHT: Final = 256
 
 
 class Mirrors:

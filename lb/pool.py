@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import Final, overload
 
 from lb.admission import AdmissionQueue
 from lb.backend import DEFAULT_DECAY_S, Backend, PoolLoad
@@ -38,10 +38,10 @@ from lb.upstream import ConnectionPool
 log = logging.getLogger("lb.pool")
 
 # Slow start: the weight ramps linearly from this share of the configured weight.
-SLOW_START_FLOOR = 0.1
-SLOW_START_TICK_S = 0.25
+SLOW_START_FLOOR: Final = 0.1
+SLOW_START_TICK_S: Final = 0.25
 # A retry over more eligible backends than this gets a view; over fewer, a copy is cheaper.
-VIEW_MIN_ELIGIBLE = 16
+VIEW_MIN_ELIGIBLE: Final = 16
 
 
 class CandidateView(Sequence[Backend]):

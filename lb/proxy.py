@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from typing import Final
 
 from lb.access_log import AccessLogger
 from lb.backend import Backend
@@ -46,7 +47,7 @@ log = logging.getLogger("lb.proxy")
 # Decision texts formatted and kept (lb.proxy.Proxy._decision); past this many the table restarts.
 MAX_DECISION_TEXTS = 1024
 
-NO_STATUSES: frozenset[int] = frozenset()
+NO_STATUSES: Final[frozenset[int]] = frozenset()
 
 
 class Proxy:

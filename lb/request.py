@@ -2,6 +2,7 @@
 
 :class:`IncomingRequest` is filled by :mod:`lb.downstream` as the head is parsed and carries
 the request's response state (status, bytes, timings) until the access log reads it.
+:class:`RequestInfo` is what a balancing strategy is shown of it (``lb.strategies`` exports it).
 """
 
 from __future__ import annotations
@@ -87,3 +88,50 @@ class IncomingRequest:
         """The request target without the query string."""
         q = self.url.find(b"?")
         return self.url if q < 0 else self.url[:q]
+
+
+class RequestInfo:
+    """What a strategy may know about the request being placed.
+
+    ``headers`` are the client's header fields as received (names in their original case).
+    The body fields are filled only when the pool's strategy sets ``needs_body`` (or a route
+    matches on the model): ``model`` and ``user`` from an OpenAI-style JSON body, and
+    ``prompt``, the text of every message in order (or the ``prompt`` of a completion),
+    which prefix-affinity strategies key on. ``key`` is free for a strategy's own use.
+
+    A plain class rather than a dataclass: one is made per request, and a dataclass's
+    generated ``__init__`` would run as interpreted Python even in the compiled build.
+    """
+
+    __slots__ = ("headers", "key", "method", "model", "path", "prompt", "user")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        model: str | None = None,
+        user: str | None = None,
+        prompt: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.headers: list[tuple[bytes, bytes]] = [] if headers is None else headers
+        self.model = model
+        self.user = user
+        self.prompt = prompt
+        self.key = key
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestInfo(method={self.method!r}, path={self.path!r}, model={self.model!r}, "
+            f"user={self.user!r}, prompt={self.prompt!r}, key={self.key!r})"
+        )
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower case), or ``None``."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None

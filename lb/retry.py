@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Final
 
 from lb.config_resilience import Retry
 from lb.errors import (
@@ -106,7 +107,7 @@ class RetryBudget:
 
 
 # A Retry-After beyond this (a day) is treated as this; the policy caps it further.
-MAX_RETRY_AFTER_S = 86_400
+MAX_RETRY_AFTER_S: Final = 86_400
 
 
 def parse_retry_after(value: bytes, now_epoch_s: float) -> float | None:

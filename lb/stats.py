@@ -7,7 +7,7 @@ Prometheus samples when scraped, so recording a request costs a few list operati
 from __future__ import annotations
 
 from collections import deque
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from lb.histogram import LATENCY_BUCKETS_S, Histogram
 from lb.inference import InferenceStats
@@ -26,8 +26,8 @@ class ErrorRecord(NamedTuple):
     message: str
 
 
-RECENT_ERRORS = 50
-RECENT_DECISIONS = 100
+RECENT_ERRORS: Final = 50
+RECENT_DECISIONS: Final = 100
 
 
 class Decision(NamedTuple):

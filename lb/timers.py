@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Final
 
 # A timer that fires this close to its due time counts as due: libuv's clock has millisecond
 # resolution, so re-arming for a remainder below it would spin.
-SLACK_S = 0.001
+SLACK_S: Final = 0.001
 
 
 class Deadline:

@@ -8,12 +8,12 @@ backend's bytes back.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 from lb.http1 import Headers
 
 # Bytes a client may send after a WebSocket handshake before the backend has answered.
-TUNNEL_HOLD_BYTES = 64 << 10
+TUNNEL_HOLD_BYTES: Final = 64 << 10
 
 
 def websocket_upgrade(headers: Headers) -> bytes | None:

@@ -14,7 +14,7 @@ import functools
 import os
 import socket
 import ssl
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -24,14 +24,14 @@ from lb.http1 import Headers
 from lb.timers import Deadline
 
 # How a response body is delimited on the wire (RFC 9112 section 6.3).
-FRAMING_NONE = 0  # HEAD, 204, 304: no body
-FRAMING_LENGTH = 1  # Content-Length
-FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
-FRAMING_CLOSE = 3  # neither: the body ends when the connection closes
+FRAMING_NONE: Final = 0  # HEAD, 204, 304: no body
+FRAMING_LENGTH: Final = 1  # Content-Length
+FRAMING_CHUNKED: Final = 2  # Transfer-Encoding: chunked
+FRAMING_CLOSE: Final = 3  # neither: the body ends when the connection closes
 
 
 # A backend whose response head (status line, headers, 1xx responses) exceeds this is broken.
-MAX_RESPONSE_HEAD_BYTES = 256 << 10
+MAX_RESPONSE_HEAD_BYTES: Final = 256 << 10
 
 
 class RequestSource(Protocol):
@@ -65,7 +65,7 @@ class ResponseSink(Protocol):
 
 
 # Stands in for the parser of a closed connection (never fed): see connection_lost.
-_CLOSED_PARSER = httptools.HttpResponseParser(object())
+_CLOSED_PARSER: Final = httptools.HttpResponseParser(object())
 
 
 class UpstreamConnection(asyncio.Protocol):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from lb.http1 import normalize_target
+from lb.http1 import needs_normalizing, normalize_target
 
 
 @pytest.mark.parametrize(
@@ -46,3 +48,15 @@ def test_what_is_not_an_unreserved_escape_dot_segment_or_repeated_slash_is_kept(
     target: bytes,
 ) -> None:
     assert normalize_target(target) == target
+
+
+def test_a_target_is_normalized_exactly_when_it_holds_a_percent_a_dot_segment_or_two_slashes() -> (
+    None
+):
+    rng = random.Random(5)
+    for _ in range(20_000):
+        url = bytes(rng.choice(b"/.%a?") for _ in range(rng.randint(0, 8)))
+        expected = url.find(b"%") >= 0 or url.find(b"/.") >= 0 or url.find(b"//") >= 0
+        assert needs_normalizing(url) == expected, url
+        if not expected:
+            assert normalize_target(url) == url, url

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.sim import SimServer, start_sim
 from lb.app import App
-from lb.inference import MAX_MODELS, InferenceStats, ResponseMeter
+from lb.inference import MAX_MODELS, InferenceStats, ResponseMeter, model_in
 from tests.conftest import pool, proxy_config, url
 
 CHAT = "/v1/chat/completions"
@@ -381,3 +382,39 @@ def test_a_streams_count_does_not_depend_on_how_its_keys_are_spelled_or_split() 
         for start, end in zip([0, *cuts], [*cuts, len(body)], strict=True):
             meter.on_body(body[start:end])
         assert meter.events == expected, (body, cuts)
+
+
+@pytest.mark.parametrize(
+    ("body", "model"),
+    [
+        (b'{"model":"m-1","messages":[]}', "m-1"),
+        (b'{"messages":[],"model" : "after-the-messages"}', "after-the-messages"),
+        (b'{"metadata":{"model":1},"model":"second"}', "second"),
+        (b'{"model":"with \\"quote\\""}', None),  # an escape: not taken for a name
+        (b'{"messages":[{"content":"model"}]}', None),
+        (b'{"model":"' + b"x" * 200 + b'"}', "x" * 200),
+        (b'{"model":"' + b"x" * 201 + b'"}', None),  # longer than a model name may be
+        (b"", None),
+    ],
+)
+def test_the_model_is_found_wherever_the_body_names_it(body: bytes, model: str | None) -> None:
+    assert model_in(body) == model
+
+
+def test_the_model_scan_finds_what_the_json_pattern_would_in_random_bodies() -> None:
+    pattern = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+    rng = random.Random(11)
+    spaces = [b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c", b"\x1c", b"_"]
+    noise = [b'"model"', b":", b'"', b"\\", b"{", b",", b"m"]
+
+    def some(choices: list[bytes], most: int) -> bytes:
+        return b"".join(rng.choice(choices) for _ in range(rng.randint(0, most)))
+
+    for _ in range(20_000):
+        length = rng.choice([0, 1, 2, 199, 200, 201, rng.randint(0, 210)])
+        value = bytes(rng.choice(b'xy\\"') if rng.random() < 0.02 else 120 for _ in range(length))
+        key = b'"model"' + some(spaces, 2) + rng.choice([b":", b";"]) + some(spaces, 2)
+        body = some(noise, 4) + key + rng.choice([b'"', b"'"]) + value + b'"' + some(noise, 4)
+        found = pattern.search(body)
+        expected = found.group(1).decode("utf-8", "replace") if found else None
+        assert model_in(body) == expected, body

@@ -13,39 +13,14 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lb.backend import Backend
+from lb.request import RequestInfo
 
 Clock = Callable[[], float]
 
-
-@dataclass(slots=True)
-class RequestInfo:
-    """What a strategy may know about the request being placed.
-
-    ``headers`` are the client's header fields as received (names in their original case).
-    The body fields are filled only when the pool's strategy sets ``needs_body`` (or a route
-    matches on the model): ``model`` and ``user`` from an OpenAI-style JSON body, and
-    ``prompt``, the text of every message in order (or the ``prompt`` of a completion),
-    which prefix-affinity strategies key on. ``key`` is free for a strategy's own use.
-    """
-
-    method: str
-    path: str
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    model: str | None = None
-    user: str | None = None
-    prompt: str | None = None
-    key: str | None = None
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of header ``name`` (lower case), or ``None``."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+__all__ = ["Clock", "RequestInfo", "Strategy"]
 
 
 class Strategy(ABC):
