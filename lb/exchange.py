@@ -24,7 +24,7 @@ from lb.errors import (
     error_body,
 )
 from lb.forwarding import ForwardingSettings, response_head
-from lb.http1 import Headers, chunk, last_chunk
+from lb.http1 import CHUNK_HEADS, Headers, chunk, last_chunk
 from lb.inference import InferenceStats, ResponseMeter
 from lb.load import Attempt
 from lb.request import IncomingRequest
@@ -245,8 +245,14 @@ class Exchange:
 
     def on_response_body(self, data: bytes) -> None:
         if not self._discard:
-            # chunk(data), inline: run for every piece of a body
-            self._out.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+            out = self._out
+            if self._chunked:  # chunk(data), inline and without formatting: run for every piece
+                size = len(data)
+                out.append(CHUNK_HEADS[size] if size < len(CHUNK_HEADS) else b"%x\r\n" % size)
+                out.append(data)
+                out.append(b"\r\n")
+            else:
+                out.append(data)
             meter = self._meter
             if meter is not None:
                 meter.on_body(data)

@@ -57,6 +57,10 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+# The size lines of chunks up to 4 KiB (an SSE event is a few hundred bytes), made once.
+CHUNK_HEADS: Final = [b"%x\r\n" % size for size in range(4096)]
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body."""
     return b"%x\r\n%b\r\n" % (len(data), data)

@@ -33,7 +33,7 @@ MODEL_MAX_BYTES: Final = 200  # a longer "model" value is not taken for a model 
 # A streamed chunk carrying text: OpenAI chat deltas ("content") and completions ("text"),
 # found by bytes.find (a regex search stops at every quote of the chunk). Servers write
 # compact JSON ("content":"...), checked in place; any other spelling goes to a regex.
-_TEXT_KEYS: Final = (b'"content"', b'"text"')
+_TEXT_KEYS: Final = ('"content"', '"text"')
 _NON_EMPTY_STRING: Final = re.compile(rb'\s*:\s*"(?!")')
 _QUOTE: Final = 34  # ord('"')
 _COLON: Final = 58  # ord(":")
@@ -88,29 +88,32 @@ def _after_space(buf: bytes, i: int, size: int) -> int:
     return size
 
 
-def text_events(buf: bytes, skip: int, keys: tuple[bytes, ...] = _TEXT_KEYS) -> int:
+def text_events(buf: bytes, skip: int, keys: tuple[str, ...] = _TEXT_KEYS) -> int:
     """How many text-carrying keys (``"content": "..."``, ``"text": "..."``, not empty) are
     decided in ``buf`` and were not in its first ``skip`` bytes.
 
     A key is decided once the byte after its opening quote has arrived (an empty string is no
     text): one whose quote ends ``buf`` waits for the next read, which carries it again.
+    The search runs over ``buf`` decoded as Latin-1, one character per byte (the same
+    indices): ``str.find`` is a direct C call in the compiled build, where ``bytes.find``
+    parses its arguments anew on every call.
     """
+    text = buf.decode("latin-1")
     count = 0
-    size = len(buf)
-    match = _NON_EMPTY_STRING.match
+    size = len(text)
     for key in keys:
-        at = buf.find(key)
+        at = text.find(key)
         while at >= 0:
             end = at + len(key)
-            if buf[end : end + 2] == b':"':
+            if text[end : end + 2] == ':"':
                 opened = end + 2  # just past the opening quote
-                if skip <= opened < size and buf[opened] != _QUOTE:
+                if skip <= opened < size and text[opened] != '"':
                     count += 1
             else:
-                found = match(buf, end)
+                found = _NON_EMPTY_STRING.match(buf, end)
                 if found is not None and skip <= found.end() < size:
                     count += 1
-            at = buf.find(key, end)
+            at = text.find(key, end)
     return count
 
 
@@ -164,7 +167,7 @@ class ResponseMeter:
         self._tail = bytearray()  # the end of the body: at least its last TAIL_BYTES
         self._carry = b""
         # Narrowed to the key the first text chunk used: chat streams "content", others "text".
-        self._keys: tuple[bytes, ...] = _TEXT_KEYS
+        self._keys: tuple[str, ...] = _TEXT_KEYS
         if sse:
             stats.streams += 1
 

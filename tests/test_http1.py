@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lb.http1 import needs_normalizing, normalize_target
+from lb.http1 import CHUNK_HEADS, chunk, needs_normalizing, normalize_target
 
 
 @pytest.mark.parametrize(
@@ -60,3 +60,8 @@ def test_a_target_is_normalized_exactly_when_it_holds_a_percent_a_dot_segment_or
         assert needs_normalizing(url) == expected, url
         if not expected:
             assert normalize_target(url) == url, url
+
+
+def test_the_ready_made_chunk_size_lines_are_the_ones_chunk_writes() -> None:
+    for size in range(len(CHUNK_HEADS)):
+        assert CHUNK_HEADS[size] + b"x" * size + b"\r\n" == chunk(b"x" * size)
