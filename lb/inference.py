@@ -48,14 +48,20 @@ MAX_MODELS: Final = 64  # distinct model labels kept; more are counted as "other
 
 def model_in(body_start: bytes) -> str | None:
     """The ``model`` named near the start of a JSON request body, without parsing it all:
-    the first ``"model"`` key followed by a string of 1 to 200 bytes with no escapes in it.
+    the first ``"model"`` key followed by a string of 1 to 200 bytes with no escapes in it,
+    as ``_MODEL`` finds it.
 
-    What ``_MODEL`` would find. The compiled build scans by hand (one bytes.find, then
-    indexing): there, a regex costs more to set up per call than this whole scan.
+    Interpreted, the regex's search in C is quickest; compiled, :func:`scan_model` is (there a
+    regex costs more to set up per call than that whole scan).
     """
-    if not COMPILED:  # interpreted, the regex's search in C beats the scan in Python
-        match = _MODEL.search(body_start)
-        return match.group(1).decode("utf-8", "replace") if match else None
+    if COMPILED:
+        return scan_model(body_start)
+    match = _MODEL.search(body_start)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def scan_model(body_start: bytes) -> str | None:
+    """:func:`model_in` by hand: one bytes.find per ``"model"``, then indexing."""
     size = len(body_start)
     at = body_start.find(b'"model"')
     while at >= 0:
@@ -67,7 +73,8 @@ def model_in(body_start: bytes) -> str | None:
                 end = _string_end(body_start, start, min(size, start + MODEL_MAX_BYTES + 1))
                 if end > start:
                     return body_start[start:end].decode("utf-8", "replace")
-        at = body_start.find(b'"model"', at + 7)
+        # The next "model" may begin at this one's closing quote (6 bytes on).
+        at = body_start.find(b'"model"', at + 6)
     return None
 
 

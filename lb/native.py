@@ -73,10 +73,14 @@ def native_dir() -> Path:
 
 
 def sources_digest(package_dir: Path = PACKAGE_DIR) -> str:
-    """A digest of every Python source of the package, names and contents."""
+    """A digest of every Python source of the package, names and contents (hidden files, such
+    as an editor's lock files, are not sources). Raises OSError when one cannot be read."""
     digest = hashlib.sha256()
     for path in sorted(package_dir.rglob("*.py")):
-        digest.update(path.relative_to(package_dir).as_posix().encode() + b"\0")
+        relative = path.relative_to(package_dir)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(relative.as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -96,7 +100,11 @@ def stale_reason(directory: Path) -> str | None:
         return f"no compiled build in {directory}"
     if manifest.get("ext_suffix") != EXT_SUFFIX:
         return "built for another interpreter"
-    if manifest.get("sources") != sources_digest():
+    try:
+        sources = sources_digest()
+    except OSError as exc:
+        return f"the sources cannot all be read ({exc})"
+    if manifest.get("sources") != sources:
         return "the sources changed since it was built"
     if manifest.get("modules") != list(COMPILED):
         return "built with another module list"

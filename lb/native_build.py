@@ -47,12 +47,14 @@ def build(directory: Path | None = None, *, force: bool = False) -> Path:
     from mypyc.build import mypycify  # only a build needs mypy
     from setuptools import setup
 
-    digest = sources_digest()
     with tempfile.TemporaryDirectory(prefix="lb-native-") as tmp:
         stage = Path(tmp)
         shutil.copytree(
-            PACKAGE_DIR, stage / "lb", ignore=shutil.ignore_patterns("__pycache__", "*.so")
+            PACKAGE_DIR, stage / "lb", ignore=shutil.ignore_patterns("__pycache__", "*.so", ".*")
         )
+        # The copy compiled is the copy described: an edit made during the build (and undone
+        # later) cannot pass for what was built.
+        digest = sources_digest(stage / "lb")
         (stage / "mypy.ini").write_text(_MYPY_INI)
         here = os.getcwd()
         os.chdir(stage)  # mypyc names modules and writes its files relative to here

@@ -8,6 +8,7 @@ the request's response state (status, bytes, timings) until the access log reads
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from lb.body import RequestBody
 from lb.http1 import Headers
@@ -97,7 +98,8 @@ class RequestInfo:
     The body fields are filled only when the pool's strategy sets ``needs_body`` (or a route
     matches on the model): ``model`` and ``user`` from an OpenAI-style JSON body, and
     ``prompt``, the text of every message in order (or the ``prompt`` of a completion),
-    which prefix-affinity strategies key on. ``key`` is free for a strategy's own use.
+    which prefix-affinity strategies key on. ``key`` is free for a strategy's own use, of any
+    type.
 
     A plain class rather than a dataclass: one is made per request, and a dataclass's
     generated ``__init__`` would run as interpreted Python even in the compiled build.
@@ -113,7 +115,7 @@ class RequestInfo:
         model: str | None = None,
         user: str | None = None,
         prompt: str | None = None,
-        key: str | None = None,
+        key: Any = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -121,7 +123,8 @@ class RequestInfo:
         self.model = model
         self.user = user
         self.prompt = prompt
-        self.key = key
+        # Any: a strategy's own, whatever it stores (typed, the compiled build would check it).
+        self.key: Any = key
 
     def __repr__(self) -> str:
         return (

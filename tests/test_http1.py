@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lb.http1 import CHUNK_HEADS, chunk, needs_normalizing, normalize_target
+from lb.http1 import CHUNK_HEADS, chunk, needs_normalizing, normalize_target, scan_target
 
 
 @pytest.mark.parametrize(
@@ -58,6 +58,7 @@ def test_a_target_is_normalized_exactly_when_it_holds_a_percent_a_dot_segment_or
         url = bytes(rng.choice(b"/.%a?") for _ in range(rng.randint(0, 8)))
         expected = url.find(b"%") >= 0 or url.find(b"/.") >= 0 or url.find(b"//") >= 0
         assert needs_normalizing(url) == expected, url
+        assert scan_target(url) == expected, url  # the compiled build's form, in either build
         if not expected:
             assert normalize_target(url) == url, url
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.sim import SimServer, start_sim
 from lb.app import App
-from lb.inference import MAX_MODELS, InferenceStats, ResponseMeter, model_in
+from lb.inference import MAX_MODELS, InferenceStats, ResponseMeter, model_in, scan_model
 from tests.conftest import pool, proxy_config, url
 
 CHAT = "/v1/chat/completions"
@@ -390,6 +390,7 @@ def test_a_streams_count_does_not_depend_on_how_its_keys_are_spelled_or_split() 
         (b'{"model":"m-1","messages":[]}', "m-1"),
         (b'{"messages":[],"model" : "after-the-messages"}', "after-the-messages"),
         (b'{"metadata":{"model":1},"model":"second"}', "second"),
+        (b'{"x":"model"model":"gpt-4"}', "gpt-4"),  # one "model" ending where the next begins
         (b'{"model":"with \\"quote\\""}', None),  # an escape: not taken for a name
         (b'{"messages":[{"content":"model"}]}', None),
         (b'{"model":"' + b"x" * 200 + b'"}', "x" * 200),
@@ -399,13 +400,14 @@ def test_a_streams_count_does_not_depend_on_how_its_keys_are_spelled_or_split() 
 )
 def test_the_model_is_found_wherever_the_body_names_it(body: bytes, model: str | None) -> None:
     assert model_in(body) == model
+    assert scan_model(body) == model  # the compiled build's form, in either build
 
 
 def test_the_model_scan_finds_what_the_json_pattern_would_in_random_bodies() -> None:
     pattern = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
     rng = random.Random(11)
     spaces = [b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c", b"\x1c", b"_"]
-    noise = [b'"model"', b":", b'"', b"\\", b"{", b",", b"m"]
+    noise = [b'"model"', b'model"', b":", b'"', b"\\", b"{", b",", b"m"]
 
     def some(choices: list[bytes], most: int) -> bytes:
         return b"".join(rng.choice(choices) for _ in range(rng.randint(0, most)))
@@ -418,3 +420,4 @@ def test_the_model_scan_finds_what_the_json_pattern_would_in_random_bodies() -> 
         found = pattern.search(body)
         expected = found.group(1).decode("utf-8", "replace") if found else None
         assert model_in(body) == expected, body
+        assert scan_model(body) == expected, body

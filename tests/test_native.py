@@ -85,3 +85,30 @@ def test_a_fresh_build_runs_the_compiled_modules():
     build, proxy_file = build_used({"LB_NATIVE": "1"})
     assert build == "compiled"
     assert proxy_file == str(native.native_dir() / "lb" / f"proxy{native.EXT_SUFFIX}")
+
+
+def test_hidden_files_are_not_sources_and_an_unreadable_source_means_stale(tmp_path):
+    package = tmp_path / "lb"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    digest = native.sources_digest(package)
+    # An editor's lock file: a hidden name, here a link to nothing.
+    (package / ".#a.py").symlink_to(tmp_path / "nowhere.py")
+    assert native.sources_digest(package) == digest
+    (package / "c.py").symlink_to(tmp_path / "nowhere.py")
+    with pytest.raises(OSError):
+        native.sources_digest(package)
+
+
+def test_a_source_that_cannot_be_read_makes_the_build_stale_not_an_import_error(
+    tmp_path, monkeypatch
+):
+    write_manifest(tmp_path / "build")
+
+    def unreadable(package_dir: Path = native.PACKAGE_DIR) -> str:
+        raise PermissionError(13, "Permission denied", "lb/proxy.py")
+
+    monkeypatch.setattr(native, "sources_digest", unreadable)
+    reason = native.stale_reason(tmp_path / "build")
+    assert reason is not None and reason.startswith("the sources cannot all be read")

@@ -142,3 +142,10 @@ def test_constructor_failure_becomes_value_error() -> None:
     """A user class whose constructor raises is reported as a ValueError with the cause."""
     with pytest.raises(ValueError, match="could not be built: RuntimeError: model catalogue"):
         build(f"{CUSTOM}:Broken", make_backends(1))
+
+
+def test_a_strategy_may_keep_anything_in_the_request_infos_key() -> None:
+    info = RequestInfo(method="POST", path="/v1/chat/completions")
+    for key in (b"bytes", 42, ("a", 1), None, "text"):
+        info.key = key
+        assert info.key == key
