@@ -31,10 +31,11 @@ TTFT_BUCKETS_S: Final[tuple[float, ...]] = (
 _PROMPT: Final = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION: Final = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 MODEL_MAX_BYTES: Final = 200  # a longer "model" value is not taken for a model name
-_MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"\\]{1,%d})"' % MODEL_MAX_BYTES)
 # A streamed chunk carrying text: OpenAI chat deltas ("content") and completions ("text"),
-# found by bytes.find (a regex search stops at every quote of the chunk). Servers write
-# compact JSON ("content":"...), checked in place; any other spelling goes to a regex.
+# found by str.find over the chunk's Latin-1 view (a regex search stops at every quote of the
+# chunk). Servers write compact JSON ("content":"...), checked in place; any other spelling
+# goes to a regex.
 _TEXT_KEYS: Final = ('"content"', '"text"')
 _NON_EMPTY_STRING: Final = re.compile(rb'\s*:\s*"(?!")')
 _QUOTE: Final = 34  # ord('"')
