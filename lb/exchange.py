@@ -24,7 +24,7 @@ from lb.errors import (
     error_body,
 )
 from lb.forwarding import ForwardingSettings, response_head
-from lb.http1 import CHUNK_HEADS, Headers, chunk, last_chunk
+from lb.http1 import CRLF, Headers, chunk, chunk_head, last_chunk
 from lb.inference import InferenceStats, ResponseMeter
 from lb.load import Attempt
 from lb.request import IncomingRequest
@@ -244,11 +244,10 @@ class Exchange:
     def on_response_body(self, data: bytes) -> None:
         if not self._discard:
             out = self._out
-            if self._chunked:  # chunk(data), inline and without formatting: run for every piece
-                size = len(data)
-                out.append(CHUNK_HEADS[size] if size < len(CHUNK_HEADS) else b"%x\r\n" % size)
+            if self._chunked:  # chunk(data) in pieces, joined once when flushed
+                out.append(chunk_head(len(data)))
                 out.append(data)
-                out.append(b"\r\n")
+                out.append(CRLF)
             else:
                 out.append(data)
             meter = self._meter

@@ -63,9 +63,14 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
 CHUNK_HEADS: Final = [b"%x\r\n" % size for size in range(4096)]
 
 
+def chunk_head(size: int) -> bytes:
+    """The size line that opens a chunk of ``size`` bytes (formatted only past 4 KiB)."""
+    return CHUNK_HEADS[size] if size < len(CHUNK_HEADS) else b"%x\r\n" % size
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    return chunk_head(len(data)) + data + CRLF
 
 
 def last_chunk(trailers: Headers) -> bytes:
@@ -75,13 +80,13 @@ def last_chunk(trailers: Headers) -> bytes:
     return b"0\r\n" + b"".join(b"%b: %b\r\n" % kv for kv in trailers) + CRLF
 
 
-# Percent-encoded octets of unreserved characters, decoded by normalization (RFC 3986 2.3).
 # Whether these modules run compiled: a few scans take the form that is fastest for each build.
 COMPILED: Final = native.build_in_use == "compiled"
 
 _PERCENT: Final = 37  # ord("%")
 _DOT: Final = 46  # ord(".")
 _SLASH: Final = 47  # ord("/")
+# Percent-encoded octets of unreserved characters, decoded by normalization (RFC 3986 2.3).
 _UNRESERVED: Final = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 )

@@ -1,4 +1,5 @@
-"""Request-target normalization: what routes match and what backends are asked for."""
+"""HTTP/1.1 pieces: request-target normalization (what routes match and backends are asked
+for) and chunk framing."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import random
 
 import pytest
 
-from lb.http1 import CHUNK_HEADS, chunk, needs_normalizing, normalize_target, scan_target
+from lb.http1 import (
+    CHUNK_HEADS,
+    chunk,
+    chunk_head,
+    needs_normalizing,
+    normalize_target,
+    scan_target,
+)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +71,8 @@ def test_a_target_is_normalized_exactly_when_it_holds_a_percent_a_dot_segment_or
             assert normalize_target(url) == url, url
 
 
-def test_the_ready_made_chunk_size_lines_are_the_ones_chunk_writes() -> None:
-    for size in range(len(CHUNK_HEADS)):
-        assert CHUNK_HEADS[size] + b"x" * size + b"\r\n" == chunk(b"x" * size)
+def test_a_chunk_is_its_hex_size_line_its_bytes_and_a_crlf_at_every_size() -> None:
+    for size in [*range(len(CHUNK_HEADS) + 2), 65_536, 1_000_003]:
+        data = b"x" * size
+        assert chunk(data) == b"%x\r\n" % size + data + b"\r\n", size
+        assert chunk_head(size) == b"%x\r\n" % size, size
