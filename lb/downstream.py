@@ -1,7 +1,9 @@
 """The client side of the proxy: one protocol instance per client connection, parsed by llhttp.
 
 It turns bytes into :class:`IncomingRequest` objects and hands each to the request handler, one
-at a time and in order (pipelined requests wait, and reading pauses, while one is answered). It
+at a time and in order (pipelined requests wait, and reading pauses, while one is answered), from
+one task per connection that lives as long as requests keep coming: a keep-alive request costs a
+wake-up, not a task of its own. It
 enforces the limits a client cannot be trusted with: header size, time to send the headers,
 body size, idle keep-alive time. Malformed input gets a 4xx JSON answer and the connection is
 closed; nothing a client sends can raise out of this protocol.
@@ -35,7 +37,7 @@ from lb.request import IncomingRequest, ListenerLimits
 from lb.timers import Deadline
 from lb.tunnel import TUNNEL_HOLD_BYTES, TunnelPeer, websocket_upgrade
 
-TASK_NAME: Final = "lb-request"
+TASK_NAME: Final = "lb-connection"
 
 log = logging.getLogger("lb.downstream")
 
@@ -89,7 +91,8 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[IncomingRequest] = deque()
         self._pipeline_held = bytearray()  # read behind a queued request, not parsed yet
         self._linger: asyncio.TimerHandle | None = None  # the end of a lingering close
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # runs the requests, one after another
+        self._waiter: asyncio.Future[None] | None = None  # the task waits here for the next one
         # One deadline for the header timeout and the keep-alive idle timeout (never both).
         self._deadline = Deadline(self.loop, self._on_header_timeout)
         self._pause = 0
@@ -187,6 +190,9 @@ class ClientConnection(asyncio.Protocol):
         self._tunnel_held = None
         if self._tunnel is not None:
             self._tunnel.on_client_closed()  # the normal end of a tunnel, not an abandonment
+        elif self._waiter is not None:  # between requests: the task wakes up and ends
+            self._waiter.set_result(None)
+            self._waiter = None
         elif self._task is not None:
             self._task.cancel()  # the handler aborts the upstream request: the client is gone
         if self._linger is not None:
@@ -383,8 +389,35 @@ class ClientConnection(asyncio.Protocol):
         self._current = req
         if req.expect_continue and not req.body.complete:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        # Named here: an unnamed task formats a "Task-N" name for itself, every request.
-        self._task = asyncio.Task(self.handler.handle(self, req), loop=self.loop, name=TASK_NAME)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set_result(None)
+        elif self._task is None:
+            # Named here: an unnamed task formats a "Task-N" name for itself.
+            self._task = asyncio.Task(self._serve(), loop=self.loop, name=TASK_NAME)
+        # Otherwise the task is finishing the request before this one and goes on with it.
+
+    async def _serve(self) -> None:
+        """The connection's task: answers the current request, then waits for the next.
+
+        It ends when the connection closes; cancelled (the client left, or its body was
+        bad), it ends the request being answered with it."""
+        handler = self.handler
+        while not self.closed:
+            req = self._current
+            if req is None:
+                waiter = self._waiter = self.loop.create_future()
+                await waiter
+                continue
+            try:
+                await handler.handle(self, req)
+            except Exception:  # the handler answers its own errors: this is a bug, not input
+                log.exception("request handler failed; closing the client connection")
+                self.abort()
+            if self._current is req:  # a handler that did not report it done
+                self.request_done(req)
+        self._task = None
 
     # -- WebSocket tunnel -------------------------------------------------------------------
 
@@ -420,7 +453,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _next_request(self, req: IncomingRequest) -> None:
         self._current = None
-        self._task = None
         self.upstream = None
         if self.closed:
             self._let_go()  # nothing more is read on a closed connection
