@@ -7,7 +7,6 @@ proxy for the connection it writes to. ``X-Forwarded-*`` and the request id are 
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Final
@@ -21,13 +20,28 @@ _STRIP_FROM_RESPONSE: Final = HOP_BY_HOP
 _FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
-_ID_PREFIX: Final = os.urandom(6).hex().encode()
-_ID_COUNTER: Final = itertools.count(1)
+
+class _RequestIds:
+    """A random prefix and a decimal counter (``str`` of an int is a direct call in the
+    compiled build, where formatting, ``%x`` or ``next()`` on an iterator parse arguments)."""
+
+    __slots__ = ("count", "prefix")
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(6).hex().encode() + b"-"
+        self.count = 0
+
+    def next(self) -> bytes:
+        self.count += 1
+        return self.prefix + str(self.count).encode()
+
+
+_REQUEST_IDS: Final = _RequestIds()
 
 
 def new_request_id() -> bytes:
     """A request id unique to this process run: a random prefix and a counter."""
-    return b"%s-%x" % (_ID_PREFIX, next(_ID_COUNTER))
+    return _REQUEST_IDS.next()
 
 
 @dataclass(slots=True)
