@@ -404,20 +404,24 @@ class ClientConnection(asyncio.Protocol):
         It ends when the connection closes; cancelled (the client left, or its body was
         bad), it ends the request being answered with it."""
         handler = self.handler
-        while not self.closed:
-            req = self._current
-            if req is None:
-                waiter = self._waiter = self.loop.create_future()
-                await waiter
-                continue
-            try:
-                await handler.handle(self, req)
-            except Exception:  # the handler answers its own errors: this is a bug, not input
-                log.exception("request handler failed; closing the client connection")
-                self.abort()
-            if self._current is req:  # a handler that did not report it done
-                self.request_done(req)
-        self._task = None
+        try:
+            while not self.closed:
+                req = self._current
+                if req is None:
+                    waiter = self._waiter = self.loop.create_future()
+                    await waiter
+                    continue
+                try:
+                    await handler.handle(self, req)
+                except Exception:  # the handler answers its errors: this is a bug, not input
+                    log.exception("request handler failed; closing the client connection")
+                    self.abort()
+                if self._current is req:  # a handler that did not report it done
+                    self.request_done(req)
+        finally:
+            # Cancelled, the task holds the exception, whose traceback holds this frame and
+            # so this connection: the connection must not hold the task (a reference cycle).
+            self._task = None
 
     # -- WebSocket tunnel -------------------------------------------------------------------
 
