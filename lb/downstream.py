@@ -1,12 +1,11 @@
 """The client side of the proxy: one protocol instance per client connection, parsed by llhttp.
 
 It turns bytes into :class:`IncomingRequest` objects and hands each to the request handler, one
-at a time and in order (pipelined requests wait, and reading pauses, while one is answered), from
-one task per connection that lives as long as requests keep coming: a keep-alive request costs a
-wake-up, not a task of its own. It
-enforces the limits a client cannot be trusted with: header size, time to send the headers,
-body size, idle keep-alive time. Malformed input gets a 4xx JSON answer and the connection is
-closed; nothing a client sends can raise out of this protocol.
+at a time and in order (pipelined requests wait, and reading pauses, while one is answered),
+from one task per connection, which waits between keep-alive requests. It enforces the limits a
+client cannot be trusted with: header size, time to send the headers, body size, idle keep-alive
+time. Malformed input gets a 4xx JSON answer and the connection is closed; nothing a client
+sends can raise out of this protocol.
 """
 
 from __future__ import annotations
@@ -395,7 +394,8 @@ class ClientConnection(asyncio.Protocol):
             waiter.set_result(None)
         elif self._task is None:
             # Named here: an unnamed task formats a "Task-N" name for itself.
-            self._task = asyncio.Task(self._serve(), loop=self.loop, name=TASK_NAME)
+            task = self._task = asyncio.Task(self._serve(), loop=self.loop, name=TASK_NAME)
+            task.add_done_callback(self._task_ended)
         # Otherwise the task is finishing the request before this one and goes on with it.
 
     async def _serve(self) -> None:
@@ -404,24 +404,29 @@ class ClientConnection(asyncio.Protocol):
         It ends when the connection closes; cancelled (the client left, or its body was
         bad), it ends the request being answered with it."""
         handler = self.handler
-        try:
-            while not self.closed:
-                req = self._current
-                if req is None:
-                    waiter = self._waiter = self.loop.create_future()
-                    await waiter
-                    continue
-                try:
-                    await handler.handle(self, req)
-                except Exception:  # the handler answers its errors: this is a bug, not input
-                    log.exception("request handler failed; closing the client connection")
-                    self.abort()
-                if self._current is req:  # a handler that did not report it done
-                    self.request_done(req)
-        finally:
-            # Cancelled, the task holds the exception, whose traceback holds this frame and
-            # so this connection: the connection must not hold the task (a reference cycle).
-            self._task = None
+        while not self.closed:
+            req = self._current
+            if req is None:
+                waiter = self._waiter = self.loop.create_future()
+                await waiter
+                continue
+            try:
+                await handler.handle(self, req)
+            except Exception:  # the handler answers its errors: this is a bug, not input
+                log.exception("request handler failed; closing the client connection")
+                self.abort()
+            if self._current is req:  # a handler that did not report it done
+                self.request_done(req)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """However the task ended (cancelled even before its first step, when the request
+        it was made for failed in the read that brought it), the connection lets go of it:
+        a cancelled task holds its coroutine and exception, and through them this
+        connection, a reference cycle only a full collection would free."""
+        self._task = None
+        if self.closed:
+            self._current = None  # its body's callbacks lead back here
+            self._let_go()
 
     # -- WebSocket tunnel -------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 class _RequestIds:
-    """A random prefix and a decimal counter (``str`` of an int is a direct call in the
-    compiled build, where formatting, ``%x`` or ``next()`` on an iterator parse arguments)."""
+    """A random prefix and a decimal counter: ``str`` of an int and a concatenation, both
+    direct calls in the compiled build."""
 
     __slots__ = ("count", "prefix")
 

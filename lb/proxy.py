@@ -1,11 +1,12 @@
 """The request handler: route a request to a pool, pick a backend, run the attempt, map errors.
 
-Each client request runs as one task. Attempts are guarded by :class:`lb.load.Attempt`, so the
-in-flight count is released exactly once on every path. A request whose pooled connection turns
-out dead before any response byte is replayed on a fresh connection; a backend that cannot be
-connected to is skipped for another (the request never reached it). Every failure the client
-sees is a JSON error from :mod:`lb.errors`; after a response has started, the client's
-connection is cut instead, so a truncated body is visible as such.
+Each client request runs in its connection's task (lb.downstream). Attempts are guarded by
+:class:`lb.load.Attempt`, so the in-flight count is released exactly once on every path. A
+request whose pooled connection turns out dead before any response byte is replayed on a fresh
+connection; a backend that cannot be connected to is skipped for another (the request never
+reached it). Every failure the client sees is a JSON error from :mod:`lb.errors`; after a
+response has started, the client's connection is cut instead, so a truncated body is visible
+as such.
 """
 
 from __future__ import annotations

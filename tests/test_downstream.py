@@ -5,6 +5,7 @@ connection carries on when the handler misbehaves."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -160,3 +161,30 @@ async def test_a_failing_handler_closes_the_connection_instead_of_hanging_it(ser
         assert await read_response(reader) == b"HTTP/1.1 200 OK /b"
     finally:
         writer.close()
+
+
+async def test_a_connection_whose_first_body_is_bad_is_freed_without_a_gc_pass(served):
+    """The bad chunk arrives in the read that carries the head: the connection's task is
+    cancelled before it ever runs, and the closed connection still holds no reference cycle."""
+    handler, port = served
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /a HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            assert head.startswith(b"HTTP/1.1 400 ")
+            writer.transport.abort()
+        for _ in range(100):
+            if not handler.connections:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        left = [o for o in gc.get_objects() if isinstance(o, ClientConnection) and o.closed]
+        assert left == []
+    finally:
+        gc.enable()
+    assert handler.paths == []  # the handler never saw the requests
