@@ -129,7 +129,11 @@ class Upstream(BaseModel):
         default=128, ge=0, description="Pooled keep-alive connections kept per backend."
     )
     idle_timeout_s: float = Field(
-        default=30.0, gt=0, description="Seconds a pooled connection may sit unused before closing."
+        default=60.0,
+        gt=0,
+        description="Seconds a pooled connection may sit unused before closing (nginx's "
+        "upstream keepalive_timeout default); a backend that closes idle connections sooner "
+        "is noticed when its close arrives.",
     )
 
 

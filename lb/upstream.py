@@ -395,8 +395,9 @@ class ConnectionPool:
     """Keep-alive connections to one backend, most recently used first.
 
     ``max_idle`` (default 128) bounds the idle connections kept; ``idle_timeout_s`` (default
-    30) closes a connection unused that long, checked by one timer per pool. A connection the
-    backend closes while idle is dropped when its close arrives.
+    60, nginx's for its upstream keep-alive) closes a connection unused that long, checked by
+    one timer per pool. A connection the backend closes while idle is dropped when its close
+    arrives.
     """
 
     def __init__(
@@ -404,7 +405,7 @@ class ConnectionPool:
         backend: Backend,
         *,
         max_idle: int = 128,
-        idle_timeout_s: float = 30.0,
+        idle_timeout_s: float = 60.0,
     ) -> None:
         self.backend = backend
         self.max_idle = max_idle
