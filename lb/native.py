@@ -51,6 +51,7 @@ COMPILED = (
     "proxy",
     "request",
     "retry",
+    "rotation",
     "router",
     "stats",
     "timers",

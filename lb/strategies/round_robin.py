@@ -56,6 +56,7 @@ from collections.abc import Container, Mapping, Sequence
 from typing import Any, ClassVar
 
 from lb.backend import Backend
+from lb.rotation import smooth_pick
 from lb.strategies.base import Clock, RequestInfo, Strategy
 
 # Pools of up to this many backends use nginx's smooth scan; larger ones the heap schedule.
@@ -117,22 +118,7 @@ class RoundRobin(Strategy):
             return candidates[0]
         if self.uses_heap:
             return self._pick_by_deadline(candidates)
-        current = self._current
-        it = iter(candidates)
-        best = next(it)
-        total = best.effective_weight
-        best_current = current[best] + total
-        current[best] = best_current
-        for backend in it:
-            weight = backend.effective_weight
-            total += weight
-            value = current[backend] + weight
-            current[backend] = value
-            if value > best_current:  # strict: ties go to the earlier backend, as in nginx
-                best = backend
-                best_current = value
-        current[best] = best_current - total
-        return best
+        return smooth_pick(self._current, candidates)
 
     def explain(self, backend: Backend, request: RequestInfo) -> str:
         """The rotation chose it: its turn, by weight, whatever its load."""
