@@ -31,6 +31,7 @@ class ClientKeys:
         self.verify(req)
         if not self.forward_key:
             req.headers = [(n, v) for n, v in req.headers if n.lower() not in _KEY_HEADERS]
+            req.names = None
 
     def verify(self, req: IncomingRequest) -> None:
         """Raise :class:`Unauthorized` unless ``req`` carries an accepted key."""

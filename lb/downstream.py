@@ -274,8 +274,10 @@ class ClientConnection(asyncio.Protocol):
             raise self._callback_error
         req.keep_alive = parser.should_keep_alive()
         rid_name = self.limits.request_id_header
+        req.names = names = []
         for name, value in req.headers:
             lname = name.lower()
+            names.append(lname)
             if lname not in _HEAD_FIELDS and lname != rid_name:
                 continue  # one lookup for the common field, which only is forwarded
             if lname == b"content-length":
@@ -323,6 +325,7 @@ class ClientConnection(asyncio.Protocol):
             headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
             headers.append((b"Host", authority))  # what the backend is asked for
             req.headers = headers
+            req.names = None
         elif req.host is None and req.version == "1.1":
             self._callback_error = BadRequest("an HTTP/1.1 request needs a Host header")
             raise self._callback_error

@@ -169,6 +169,7 @@ class Exchange:
                 extra=self._extra,
                 settings=self._settings,
                 connection_header=self.conn.connection_header,
+                names=self.conn.header_names,
             )
         )
         req.response_started = True

@@ -68,6 +68,7 @@ def request_head(
     url: bytes,
     headers: Headers,
     *,
+    names: list[bytes] | None = None,
     host: bytes | None,
     default_host: bytes,
     client_ip: bytes,
@@ -80,6 +81,7 @@ def request_head(
 ) -> bytes:
     """The request line and headers to send upstream, framing and forwarding fields included.
 
+    ``names``: the lower-cased names of ``headers``, in order, when the caller has them.
     ``connection_header``: False when the caller knows ``headers`` hold no ``Connection``
     field but ``keep-alive`` ones (whose field is hop-by-hop anyway), so that no token needs
     looking for. ``upgrade``: the request is a WebSocket handshake; its ``Connection:
@@ -92,8 +94,11 @@ def request_head(
     # Pieces joined once at the end: cheaper than formatting each line.
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
     special = settings.request_special
-    for name, value in headers:
-        lname = name.lower()
+    if names is None or len(names) != len(headers):
+        names = [name.lower() for name, _ in headers]
+    for i in range(len(headers)):
+        name, value = headers[i]
+        lname = names[i]
         if lname in tokens:
             continue
         if lname in special:
@@ -139,17 +144,21 @@ def response_head(
     extra: bytes,
     settings: ForwardingSettings,
     connection_header: bool = True,
+    names: list[bytes] | None = None,
 ) -> bytes:
     """The status line and headers to send to the client.
 
     ``extra`` holds ready-made header lines the proxy adds (backend name, request id);
-    ``connection_header`` is as for :func:`request_head`.
+    ``connection_header`` and ``names`` are as for :func:`request_head`.
     """
     tokens = connection_tokens(headers) if connection_header else _NO_TOKENS
     dropped = settings.response_dropped
     out = [status_line(status)]
-    for name, value in headers:
-        lname = name.lower()
+    if names is None or len(names) != len(headers):
+        names = [name.lower() for name, _ in headers]
+    for i in range(len(headers)):
+        name, value = headers[i]
+        lname = names[i]
         if lname in dropped or lname in tokens:
             continue
         out.append(name)

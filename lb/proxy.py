@@ -424,6 +424,7 @@ class Proxy:
             req.method,
             req.url,
             req.headers,
+            names=req.names,
             host=req.host,
             default_host=backend.authority,
             client_ip=client.peer_ip_bytes,

@@ -45,6 +45,7 @@ class IncomingRequest:
         "host",
         "keep_alive",
         "method",
+        "names",
         "request_id",
         "response_reusable",
         "response_started",
@@ -62,6 +63,9 @@ class IncomingRequest:
         self.url = b""
         self.version = "1.1"
         self.headers: Headers = []
+        # The lower-cased names of ``headers``, in step with them once the head is parsed (the
+        # head's parse lowers each name already; forwarding reuses them). None: not known.
+        self.names: list[bytes] | None = None
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False

@@ -89,6 +89,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _reset_response_state(self) -> None:
         self._headers: Headers = []
+        # The lower-cased names of the final response's headers, in order (see lb.forwarding).
+        self.header_names: list[bytes] = []
         self._trailers: Headers = []
         self._headers_done = False
         self._final = False  # the head being parsed is a final (non-1xx) response
@@ -334,8 +336,10 @@ class UpstreamConnection(asyncio.Protocol):
         # One pass over the headers: the body's framing, and its type for the sink.
         content_type = b""
         length = chunked = connection = False
+        self.header_names = names = []
         for name, value in self._headers:
             lname = name.lower()
+            names.append(lname)
             if lname == b"content-type":
                 content_type = value.lower()
             elif lname == b"connection" and value.lower() != b"keep-alive":
