@@ -99,7 +99,9 @@ class Proxy:
             info = RequestInfo(
                 method=req.method.decode(),
                 path=req.path.decode(errors="replace"),
-                headers=req.headers,
+                # A copy the strategy cannot change: the fields forwarded are the request's
+                # own, whose lower-cased names were noted as they were parsed.
+                headers=tuple(req.headers),
             )
             has_body = req.chunked or bool(req.content_length)
             router = self.router

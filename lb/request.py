@@ -7,6 +7,7 @@ the request's response state (status, bytes, timings) until the access log reads
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +99,8 @@ class IncomingRequest:
 class RequestInfo:
     """What a strategy may know about the request being placed.
 
-    ``headers`` are the client's header fields as received (names in their original case).
+    ``headers`` are the client's header fields as received (names in their original case), a
+    tuple the strategy reads but cannot change.
     The body fields are filled only when the pool's strategy sets ``needs_body`` (or a route
     matches on the model): ``model`` and ``user`` from an OpenAI-style JSON body, and
     ``prompt``, the text of every message in order (or the ``prompt`` of a completion),
@@ -115,7 +117,7 @@ class RequestInfo:
         self,
         method: str,
         path: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
         model: str | None = None,
         user: str | None = None,
         prompt: str | None = None,
@@ -123,7 +125,7 @@ class RequestInfo:
     ) -> None:
         self.method = method
         self.path = path
-        self.headers: list[tuple[bytes, bytes]] = [] if headers is None else headers
+        self.headers: Sequence[tuple[bytes, bytes]] = headers
         self.model = model
         self.user = user
         self.prompt = prompt

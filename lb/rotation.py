@@ -16,14 +16,15 @@ def smooth_pick(current: dict[Backend, float], candidates: Sequence[Backend]) ->
     """Add each candidate's effective weight to its current weight, take the largest (the
     first on a tie, as nginx), and take the candidates' total weight off the one taken.
 
-    ``current`` holds every candidate (a ``KeyError`` otherwise); ``candidates`` is not empty.
+    ``current`` holds every candidate (a ``KeyError`` otherwise); ``candidates`` is not empty
+    and may be any iterable sequence (a tuple, a list, a pool's candidate view).
     """
-    best = candidates[0]
+    it = iter(candidates)  # not indexed: a pool's candidate view finds an index by a scan
+    best = next(it)
     total = best.effective_weight
     best_current = current[best] + total
     current[best] = best_current
-    for i in range(1, len(candidates)):
-        backend = candidates[i]
+    for backend in it:
         weight = backend.effective_weight
         total += weight
         value = current[backend] + weight

@@ -86,6 +86,7 @@ def test_unset_sections_take_their_documented_defaults(tmp_path: Path) -> None:
     assert config.limits == Limits()
     assert config.limits.max_body_bytes == 33554432
     assert config.upstream.max_idle_per_backend == 128
+    assert config.upstream.idle_timeout_s == 60.0  # nginx's upstream keepalive_timeout
     assert config.headers.backend_header == "x-lb-backend"
     assert config.headers.request_id_header == "x-request-id"
     assert config.shutdown.grace_s == 30.0

@@ -205,3 +205,42 @@ def test_large_pool_accepts_the_pools_candidate_view() -> None:
     candidates = pool.candidates(tried)
     picks = {pool.strategy.pick(candidates, REQUEST) for _ in range(200)}
     assert picks == set(backends) - set(tried)
+
+
+def test_the_rotation_is_the_same_whatever_sequence_the_candidates_come_in() -> None:
+    """A tuple (a first attempt), a list, or a pool's view leaving the tried ones out: the
+    same candidates in the same order give the same picks."""
+    from lb.pool import CandidateView
+
+    backends = make_backends(1, 2, 3, 1, 1)
+    index = {b: i for i, b in enumerate(backends)}
+    forms = {
+        "tuple": tuple(backends[1:]),
+        "list": list(backends[1:]),
+        "view": CandidateView(tuple(backends), index, [0]),
+    }
+    runs = {}
+    for name, candidates in forms.items():
+        strategy = RoundRobin(backends)
+        runs[name] = [strategy.pick(candidates, REQUEST).name for _ in range(70)]
+    assert runs["tuple"] == runs["list"] == runs["view"]
+    assert Counter(runs["tuple"]) == {
+        backends[1].name: 20,
+        backends[2].name: 30,
+        backends[3].name: 10,
+        backends[4].name: 10,
+    }
+
+
+def test_a_user_strategy_may_subclass_round_robin_and_call_its_pick() -> None:
+    class Tagged(RoundRobin):
+        name = "tagged_round_robin"
+
+        def pick(self, candidates, request):  # type: ignore[no-untyped-def]
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().pick(candidates, request)
+
+    a, b = backends = make_backends(1, 1)
+    strategy = Tagged(backends)
+    assert [strategy.pick(backends, REQUEST) for _ in range(4)] == [a, b, a, b]
+    assert strategy.calls == 4
