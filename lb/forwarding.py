@@ -44,6 +44,14 @@ def new_request_id() -> bytes:
     return _REQUEST_IDS.next()
 
 
+def lowered_names(headers: Headers, names: list[bytes] | None) -> list[bytes]:
+    """The lower-cased names of ``headers``: ``names`` when the parse noted them and they are
+    still in step with the fields (a rewrite of the fields drops them), else made here."""
+    if names is not None and len(names) == len(headers):
+        return names
+    return [name.lower() for name, _ in headers]
+
+
 @dataclass(slots=True)
 class ForwardingSettings:
     """How heads are rewritten; see ``lb.config.Headers`` for the defaults."""
@@ -94,8 +102,7 @@ def request_head(
     # Pieces joined once at the end: cheaper than formatting each line.
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
     special = settings.request_special
-    if names is None or len(names) != len(headers):
-        names = [name.lower() for name, _ in headers]
+    names = lowered_names(headers, names)
     for i in range(len(headers)):
         name, value = headers[i]
         lname = names[i]
@@ -154,8 +161,7 @@ def response_head(
     tokens = connection_tokens(headers) if connection_header else _NO_TOKENS
     dropped = settings.response_dropped
     out = [status_line(status)]
-    if names is None or len(names) != len(headers):
-        names = [name.lower() for name, _ in headers]
+    names = lowered_names(headers, names)
     for i in range(len(headers)):
         name, value = headers[i]
         lname = names[i]
