@@ -33,7 +33,7 @@ from lb.errors import (
 )
 from lb.http1 import needs_normalizing, normalize_target, status_line
 from lb.request import IncomingRequest, ListenerLimits
-from lb.timers import Deadline
+from lb.timers import TimerWheel, WheelDeadline
 from lb.tunnel import TUNNEL_HOLD_BYTES, TunnelPeer, websocket_upgrade
 
 TASK_NAME: Final = "lb-connection"
@@ -67,6 +67,7 @@ _CLOSED_PARSER: Final = httptools.HttpRequestParser(object())
 class Handler(Protocol):
     draining: bool
     connections: set[ClientConnection]
+    timers: TimerWheel  # the connections' header and keep-alive deadlines
 
     def handle(self, conn: ClientConnection, req: IncomingRequest) -> Coroutine[Any, Any, None]: ...
 
@@ -91,9 +92,10 @@ class ClientConnection(asyncio.Protocol):
         self._pipeline_held = bytearray()  # read behind a queued request, not parsed yet
         self._linger: asyncio.TimerHandle | None = None  # the end of a lingering close
         self._task: asyncio.Task[None] | None = None  # runs the requests, one after another
+        self._serving = False  # the task has taken its first step
         self._waiter: asyncio.Future[None] | None = None  # the task waits here for the next one
         # One deadline for the header timeout and the keep-alive idle timeout (never both).
-        self._deadline = Deadline(self.loop, self._on_header_timeout)
+        self._deadline = WheelDeadline(handler.timers, self._on_header_timeout)
         self._pause = 0
         self._header_bytes = 0
         self._head_raw_bytes = 0
@@ -192,8 +194,8 @@ class ClientConnection(asyncio.Protocol):
         elif self._waiter is not None:  # between requests: the task wakes up and ends
             self._waiter.set_result(None)
             self._waiter = None
-        elif self._task is not None:
-            self._task.cancel()  # the handler aborts the upstream request: the client is gone
+        else:
+            self._cancel_task()  # the handler aborts the upstream request: the client is gone
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
@@ -207,7 +209,7 @@ class ClientConnection(asyncio.Protocol):
         a full garbage collection, which the proxy runs rarely."""
         self._parser = _CLOSED_PARSER
         self._deadline.close()
-        self._last_parsed = self._parsing = None
+        self._current = self._last_parsed = self._parsing = None  # their bodies' callbacks
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -397,39 +399,47 @@ class ClientConnection(asyncio.Protocol):
             waiter.set_result(None)
         elif self._task is None:
             # Named here: an unnamed task formats a "Task-N" name for itself.
-            task = self._task = asyncio.Task(self._serve(), loop=self.loop, name=TASK_NAME)
-            task.add_done_callback(self._task_ended)
+            self._task = asyncio.Task(self._serve(), loop=self.loop, name=TASK_NAME)
         # Otherwise the task is finishing the request before this one and goes on with it.
 
     async def _serve(self) -> None:
         """The connection's task: answers the current request, then waits for the next.
 
         It ends when the connection closes; cancelled (the client left, or its body was
-        bad), it ends the request being answered with it."""
+        bad), it ends the request being answered with it. However it ends, the connection
+        lets go of it: a finished task holds its coroutine, and through it this connection,
+        a reference cycle only a full collection would free."""
+        self._serving = True
         handler = self.handler
-        while not self.closed:
-            req = self._current
-            if req is None:
-                waiter = self._waiter = self.loop.create_future()
-                await waiter
-                continue
-            try:
-                await handler.handle(self, req)
-            except Exception:  # the handler answers its errors: this is a bug, not input
-                log.exception("request handler failed; closing the client connection")
-                self.abort()
-            if self._current is req:  # a handler that did not report it done
-                self.request_done(req)
+        try:
+            while not self.closed:
+                req = self._current
+                if req is None:
+                    waiter = self._waiter = self.loop.create_future()
+                    await waiter
+                    continue
+                try:
+                    await handler.handle(self, req)
+                except Exception:  # the handler answers its errors: this is a bug, not input
+                    log.exception("request handler failed; closing the client connection")
+                    self.abort()
+                if self._current is req:  # a handler that did not report it done
+                    self.request_done(req)
+        finally:
+            self._task = None
+            self._serving = False
+            if self.closed:
+                self._let_go()
 
-    def _task_ended(self, task: asyncio.Task[None]) -> None:
-        """However the task ended (cancelled even before its first step, when the request
-        it was made for failed in the read that brought it), the connection lets go of it:
-        a cancelled task holds its coroutine and exception, and through them this
-        connection, a reference cycle only a full collection would free."""
-        self._task = None
-        if self.closed:
-            self._current = None  # its body's callbacks lead back here
-            self._let_go()
+    def _cancel_task(self) -> None:
+        task = self._task
+        if task is None:
+            return
+        task.cancel()
+        if not self._serving:
+            # Cancelled before its first step (the request it was made for failed in the
+            # read that brought it): it never runs _serve, so the connection lets go here.
+            self._task = None
 
     # -- WebSocket tunnel -------------------------------------------------------------------
 
@@ -593,8 +603,7 @@ class ClientConnection(asyncio.Protocol):
             self.close_lingering()
         elif current is self._parsing:
             # The failing input is the body of the request being answered.
-            if self._task is not None:
-                self._task.cancel()
+            self._cancel_task()
             self.answer_error(current, err)
             self.close_lingering()
         else:

@@ -43,6 +43,7 @@ from lb.retry import RetryPolicy, retry_reason
 from lb.router import Route, Router
 from lb.stats import Decision, ErrorRecord
 from lb.strategies import RequestInfo
+from lb.timers import TimerWheel
 
 log = logging.getLogger("lb.proxy")
 # Decision texts formatted and kept (lb.proxy.Proxy._decision); past this many the table restarts.
@@ -65,6 +66,7 @@ class Proxy:
         self.access_log = access_log or AccessLogger(enabled=False)
         self.draining = False
         self.connections: set[ClientConnection] = set()
+        self.timers = TimerWheel(asyncio.get_running_loop())  # the connections' deadlines
         self.active_requests = 0
         self.rng = random.Random()
         self.models: ModelsEndpoint | None = None  # answers GET /v1/models when configured

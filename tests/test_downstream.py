@@ -14,6 +14,7 @@ import pytest
 
 from lb.downstream import ClientConnection
 from lb.request import IncomingRequest, ListenerLimits
+from lb.timers import TimerWheel
 
 READ_TIMEOUT_S = 5.0
 
@@ -27,6 +28,7 @@ class RecordingHandler:
     def __init__(self) -> None:
         self.draining = False
         self.connections: set[ClientConnection] = set()
+        self.timers = TimerWheel(asyncio.get_running_loop())
         self.tasks: list[asyncio.Task[Any] | None] = []
         self.paths: list[bytes] = []
         self.behaviour: Callable[[ClientConnection, IncomingRequest], bool] | None = None

@@ -1,12 +1,30 @@
-"""Deadline: a due time that moves freely and fires once, on time, on the real event loop."""
+"""Deadlines: a due time that moves freely and fires once, on time, on the real event loop;
+on a loop timer of its own (Deadline) or on a timer wheel shared by many (WheelDeadline)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 import pytest
 
-from lb.timers import Deadline
+from lb.timers import Deadline, TimerWheel, WheelDeadline
+
+MakeDeadline = Callable[[asyncio.AbstractEventLoop, Callable[[], None]], Deadline | WheelDeadline]
+
+
+@pytest.fixture(params=["own loop timer", "timer wheel"])
+def make_deadline(request: pytest.FixtureRequest) -> MakeDeadline:
+    if request.param == "own loop timer":
+        return Deadline
+    wheels: dict[int, TimerWheel] = {}
+
+    def on_wheel(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> WheelDeadline:
+        wheel = wheels.setdefault(id(loop), TimerWheel(loop))
+        return WheelDeadline(wheel, callback)
+
+    return on_wheel
 
 
 class Calls:
@@ -18,10 +36,10 @@ class Calls:
         self.at.append(self.loop.time())
 
 
-async def test_a_deadline_fires_once_at_its_due_time() -> None:
+async def test_a_deadline_fires_once_at_its_due_time(make_deadline: MakeDeadline) -> None:
     loop = asyncio.get_running_loop()
     calls = Calls(loop)
-    deadline = Deadline(loop, calls)
+    deadline = make_deadline(loop, calls)
     start = loop.time()
     deadline.set_in(0.05)
     await asyncio.sleep(0.2)
@@ -30,10 +48,12 @@ async def test_a_deadline_fires_once_at_its_due_time() -> None:
     assert deadline.due is None
 
 
-async def test_moving_a_deadline_later_delays_the_callback_to_the_new_time() -> None:
+async def test_moving_a_deadline_later_delays_the_callback_to_the_new_time(
+    make_deadline: MakeDeadline,
+) -> None:
     loop = asyncio.get_running_loop()
     calls = Calls(loop)
-    deadline = Deadline(loop, calls)
+    deadline = make_deadline(loop, calls)
     start = loop.time()
     deadline.set_in(0.05)
     await asyncio.sleep(0.03)
@@ -45,10 +65,12 @@ async def test_moving_a_deadline_later_delays_the_callback_to_the_new_time() -> 
     assert calls.at[0] - start >= 0.13 - 0.002
 
 
-async def test_moving_a_deadline_earlier_fires_at_the_earlier_time() -> None:
+async def test_moving_a_deadline_earlier_fires_at_the_earlier_time(
+    make_deadline: MakeDeadline,
+) -> None:
     loop = asyncio.get_running_loop()
     calls = Calls(loop)
-    deadline = Deadline(loop, calls)
+    deadline = make_deadline(loop, calls)
     start = loop.time()
     deadline.set_in(5.0)
     deadline.set_in(0.05)
@@ -58,23 +80,27 @@ async def test_moving_a_deadline_earlier_fires_at_the_earlier_time() -> None:
     deadline.cancel()
 
 
-async def test_a_disarmed_or_cancelled_deadline_never_calls_back() -> None:
+async def test_a_disarmed_or_cancelled_deadline_never_calls_back(
+    make_deadline: MakeDeadline,
+) -> None:
     loop = asyncio.get_running_loop()
     calls = Calls(loop)
-    disarmed = Deadline(loop, calls)
+    disarmed = make_deadline(loop, calls)
     disarmed.set_in(0.03)
     disarmed.set(None)
-    cancelled = Deadline(loop, calls)
+    cancelled = make_deadline(loop, calls)
     cancelled.set_in(0.03)
     cancelled.cancel()
     await asyncio.sleep(0.15)
     assert calls.at == []
 
 
-async def test_a_deadline_disarmed_then_set_again_fires_for_the_new_time_only() -> None:
+async def test_a_deadline_disarmed_then_set_again_fires_for_the_new_time_only(
+    make_deadline: MakeDeadline,
+) -> None:
     loop = asyncio.get_running_loop()
     calls = Calls(loop)
-    deadline = Deadline(loop, calls)
+    deadline = make_deadline(loop, calls)
     deadline.set_in(0.03)
     deadline.set(None)
     await asyncio.sleep(0.06)  # the armed timer fires once, with nothing due
@@ -86,20 +112,95 @@ async def test_a_deadline_disarmed_then_set_again_fires_for_the_new_time_only() 
 
 
 async def test_moving_a_deadline_later_many_times_arms_one_loop_timer(
-    monkeypatch: pytest.MonkeyPatch,
+    make_deadline: MakeDeadline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
-    armed: list[float] = []
-    real_call_at = loop.call_at
-
-    def counting_call_at(when: float, callback: object, *args: object) -> asyncio.TimerHandle:
-        armed.append(when)
-        return real_call_at(when, callback, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(loop, "call_at", counting_call_at)
-    deadline = Deadline(loop, Calls(loop))
+    armed = counting_call_at(loop, monkeypatch)
+    deadline = make_deadline(loop, Calls(loop))
     for _ in range(1000):
         deadline.set_in(30.0)
         deadline.set(None)
     deadline.cancel()
     assert len(armed) == 1
+
+
+def counting_call_at(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> list[float]:
+    """Patches ``loop.call_at`` to note every loop timer armed; returns the notes."""
+    armed: list[float] = []
+    real_call_at = loop.call_at
+
+    def call_at(when: float, callback: object, *args: object) -> asyncio.TimerHandle:
+        armed.append(when)
+        return real_call_at(when, callback, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "call_at", call_at)
+    return armed
+
+
+async def test_a_thousand_deadlines_due_in_one_tick_share_one_loop_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    armed = counting_call_at(loop, monkeypatch)
+    wheel = TimerWheel(loop)
+    calls = Calls(loop)
+    start = loop.time()  # uvloop's clock holds still within one callback: one tick for all
+    deadlines = [WheelDeadline(wheel, calls) for _ in range(1000)]
+    for deadline in deadlines:
+        deadline.set(start + 0.05)
+    assert len(armed) == 1
+    await asyncio.sleep(0.2)
+    assert len(calls.at) == 1000
+    assert min(calls.at) - start >= 0.05 - 0.002
+    assert len(wheel) == 0
+
+
+async def test_a_cancelled_wheel_deadline_leaves_the_wheel_at_once() -> None:
+    """A closed connection is not held by the wheel until its tick comes."""
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop)
+    deadlines = [WheelDeadline(wheel, Calls(loop)) for _ in range(100)]
+    for deadline in deadlines:
+        deadline.set_in(30.0)
+    assert len(wheel) == 100
+    for deadline in deadlines[:60]:
+        deadline.cancel()
+    for deadline in deadlines[60:]:
+        deadline.close()
+    assert len(wheel) == 0
+
+
+async def test_wheel_deadlines_fire_in_order_each_at_or_after_its_due_time() -> None:
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop)
+    fired: list[tuple[str, float]] = []
+    start = loop.time()
+    for name, delay in (("b", 0.05), ("a", 0.02), ("c", 0.08)):
+        deadline = WheelDeadline(wheel, lambda name=name: fired.append((name, loop.time())))
+        deadline.set(start + delay)
+    await asyncio.sleep(0.25)
+    assert [name for name, _ in fired] == ["a", "b", "c"]
+    for (_, at), delay in zip(fired, (0.02, 0.05, 0.08), strict=True):
+        assert at - start >= delay - 0.002
+        assert at - start < delay + 0.1  # late by about a tick (TICK_S), not by a timeout
+
+
+async def test_a_failing_callback_does_not_stop_the_others_due_in_its_tick(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop)
+    calls = Calls(loop)
+
+    def fail() -> None:
+        raise RuntimeError("owner bug")
+
+    due = loop.time() + 0.02
+    WheelDeadline(wheel, fail).set(due)
+    WheelDeadline(wheel, calls).set(due)
+    with caplog.at_level(logging.ERROR, logger="lb.timers"):
+        await asyncio.sleep(0.1)
+    assert len(calls.at) == 1
+    assert "owner bug" in caplog.text
