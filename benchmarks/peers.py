@@ -202,6 +202,9 @@ def run(settings: Settings, names: list[str], progress: Progress) -> dict[str, A
                 targets, backend, settings, pinning.prefix(CPU_LOAD), script, progress
             )
             results["streams"] = measure_streams(targets, backend, settings, progress)
+            results["streams_reused"] = measure_streams(
+                targets, backend, settings, progress, reuse=True
+            )
             results["lb_metrics"] = {
                 t.name: scrape_metrics(HOST, t.admin_port)
                 for t in targets

@@ -22,7 +22,7 @@ from benchmarks.peers_configs import MODEL
 from benchmarks.peers_targets import ProcTable, Target, proc_table, tree_cpu_s
 from benchmarks.processes import HOST, BenchError, Service
 from benchmarks.report import aggregate
-from benchmarks.streams import StreamSamples, run_wave_of, summarise
+from benchmarks.streams import StreamSamples, run_wave_of, run_waves_reused, summarise
 from benchmarks.wrk import BODY, PATH, run_wrk, wrk_argv
 
 Progress = Callable[[str], None]
@@ -86,6 +86,23 @@ async def run_chat_waves(port: int, waves: int, settings: Settings) -> StreamSam
         wave = await run_chat_wave(port, settings.streams, settings.chunks, timeout_s)
         merged.extend(wave)
     return merged
+
+
+async def run_chat_waves_reused(port: int, waves: int, settings: Settings) -> StreamSamples:
+    """``waves`` waves of chat streams over ``settings.streams`` connections opened once and
+    reused by every wave (an HTTP client's connection pool); streams count as in
+    :func:`run_chat_wave`."""
+    timeout_s = settings.chunks * settings.interval_ms / 1000.0 + 10.0
+    return await run_waves_reused(
+        chat_stream_request(port),
+        HOST,
+        port,
+        settings.streams,
+        settings.chunks + 1,
+        waves,
+        timeout_s,
+        at_least=True,
+    )
 
 
 class CpuMeter:
@@ -182,22 +199,30 @@ def measure_small(
 
 
 def measure_streams(
-    targets: list[Target], backend: Service, settings: Settings, progress: Progress
+    targets: list[Target],
+    backend: Service,
+    settings: Settings,
+    progress: Progress,
+    *,
+    reuse: bool = False,
 ) -> dict[str, Any]:
-    """Waves of concurrent chat streams against each target, rounds interleaved."""
+    """Waves of concurrent chat streams against each target, rounds interleaved; each stream
+    on a connection of its own, or (``reuse``) on connections every wave of a round reuses."""
     meter = CpuMeter(targets, backend)
     rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
     failures: dict[str, list[str]] = {t.name: [] for t in targets}
+    waves_of = run_chat_waves_reused if reuse else run_chat_waves
+    label = "streams on reused connections" if reuse else "streams"
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         for target in targets:
-            progress(f"streams: warm-up, {target.name}")
-            runner.run(run_chat_waves(target.port, 1, settings))
+            progress(f"{label}: warm-up, {target.name}")
+            runner.run(waves_of(target.port, 1, settings))
         for round_no in range(1, settings.rounds + 1):
             for target in targets:
                 waves = target.stream_waves or settings.stream_waves
                 meter.start()
                 started = time.perf_counter()
-                samples = runner.run(run_chat_waves(target.port, waves, settings))
+                samples = runner.run(waves_of(target.port, waves, settings))
                 wall_s = time.perf_counter() - started
                 used = meter.stop()
                 summary = summarise(samples, settings.interval_ms)
@@ -212,7 +237,7 @@ def measure_streams(
                 row["backend_cpu_us_per_chunk"] = round(used["backend"] / events * 1e6, 2)
                 rows[target.name].append(row)
                 progress(
-                    f"streams: round {round_no}/{settings.rounds} {target.name}: "
+                    f"{label}: round {round_no}/{settings.rounds} {target.name}: "
                     f"{summary.streams} streams, TTFB p50 {summary.ttfb_ms_p50} ms "
                     f"p99 {summary.ttfb_ms_p99} ms, gap p99 {summary.gap_ms_p99} ms, "
                     f"failed {summary.failed_streams}"

@@ -131,10 +131,13 @@ def _small(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _streams(results: dict[str, Any]) -> list[str]:
+def _streams(results: dict[str, Any], *, reused: bool = False) -> list[str]:
     settings = results["settings"]
+    measured = results.get("streams_reused" if reused else "streams")
+    if measured is None:
+        return []  # a results file from before reused connections were measured
     rows = []
-    for name, target in results["streams"]["targets"].items():
+    for name, target in measured["targets"].items():
         m = target["median"]
         if m is None:
             rows.append([name, *[DASH] * 6])
@@ -152,14 +155,27 @@ def _streams(results: dict[str, Any]) -> list[str]:
         )
     header = ["target", "TTFB p50 ms", "TTFB p99 ms", "gap p99 ms", "max abs(gap - interval) ms"]
     header += ["proxy CPU µs/chunk", "failed / streams"]
+    if reused:
+        title = "## Streams on reused connections"
+        how = (
+            f"The same streams, but over {settings['streams']} connections opened once per "
+            "round and reused by each of its waves, as an HTTP client's connection pool (the "
+            "OpenAI SDKs') does: no connection is set up between a request and its first byte."
+        )
+    else:
+        title = "## Streams"
+        how = (
+            f'{settings["streams"]} concurrent `POST /v1/chat/completions` with `"stream": '
+            f"true`, each on a new connection; the backend answers {settings['chunks']} "
+            f"`chat.completion.chunk` events {settings['interval_ms']} ms apart, then "
+            f"`data: [DONE]`. Waves of streams per round: {settings['stream_waves']} (fewer "
+            f"where a note says so); rounds: {settings['rounds']}; medians over rounds, failed "
+            "streams summed."
+        )
     return [
-        "## Streams",
+        title,
         "",
-        f'{settings["streams"]} concurrent `POST /v1/chat/completions` with `"stream": true`; '
-        f"the backend answers {settings['chunks']} `chat.completion.chunk` events "
-        f"{settings['interval_ms']} ms apart, then `data: [DONE]`. "
-        f"Waves of streams per round: {settings['stream_waves']} (fewer where a note says "
-        f"so); rounds: {settings['rounds']}; medians over rounds, failed streams summed.",
+        how,
         "",
         *table(header, rows),
         "",
@@ -210,7 +226,8 @@ def render(results: dict[str, Any]) -> str:
     """The Markdown report of a results document."""
     lines = [f"# Proxies side by side, {results['date']} on {results['host']}", ""]
     lines += [*_machine(results), ""]
-    lines += _small(results) + _streams(results) + _notes(results) + _rounds(results)
+    lines += _small(results) + _streams(results) + _streams(results, reused=True)
+    lines += _notes(results) + _rounds(results)
     lines += [
         "Exact command lines and generated configurations are in the JSON file next to this one.",
         "",

@@ -85,6 +85,26 @@ class StreamClient(asyncio.Protocol):
         self.close()
 
 
+class ReusedStreamClient(StreamClient):
+    """A :class:`StreamClient` whose connection carries one stream after another, as an HTTP
+    client's connection pool does: :meth:`expect` readies it for the next response."""
+
+    def expect(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.status = 0
+        self.event_times = []
+        self.error = None
+        self._last_byte = b""
+
+    def _finish(self, error: str | None) -> None:
+        if self.done.done():
+            return
+        self.error = error
+        self.done.set_result(None)
+        if error is not None:
+            self.close()
+
+
 @dataclass
 class StreamSamples:
     """Raw timings of many streams, in seconds; ``errors`` counts failed streams by kind."""
@@ -166,6 +186,69 @@ async def run_wave_of(
         if times:
             samples.ttfb_s.append(times[0] - client.sent_at)
             samples.gaps_s.extend(b - a for a, b in pairwise(times))
+    return samples
+
+
+async def run_waves_reused(
+    request: bytes,
+    host: str,
+    port: int,
+    concurrency: int,
+    events: int,
+    waves: int,
+    timeout_s: float,
+    *,
+    at_least: bool = False,
+) -> StreamSamples:
+    """Open ``concurrency`` connections once, then ``waves`` times send ``request`` on each at
+    once and read every stream (counted as in :func:`run_wave_of`); a connection that fails
+    is not used again, and each wave it misses counts as a failed stream."""
+    loop = asyncio.get_running_loop()
+
+    async def connect() -> ReusedStreamClient | str:
+        done: asyncio.Future[None] = loop.create_future()
+        try:
+            _, client = await loop.create_connection(lambda: ReusedStreamClient(done), host, port)
+        except OSError as exc:
+            return f"connect: {exc.strerror or type(exc).__name__}"
+        return client
+
+    opened = await asyncio.gather(*(connect() for _ in range(concurrency)))
+    clients = [c for c in opened if isinstance(c, ReusedStreamClient)]
+    samples = StreamSamples(streams=concurrency * waves)
+    for error in (c for c in opened if isinstance(c, str)):
+        samples.errors[error] += waves
+    try:
+        for _ in range(waves):
+            live = [c for c in clients if c.transport is not None and c.error is None]
+            if len(live) < len(clients):
+                samples.errors["connection closed before its wave"] += len(clients) - len(live)
+            for client in live:
+                client.expect(loop.create_future())
+                client.send(request)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.gather(*(client.done for client in live))
+            except TimeoutError:
+                pass
+            for client in live:
+                times = client.event_times
+                short = len(times) < events if at_least else len(times) != events
+                if not client.done.done():
+                    samples.errors["timed out"] += 1
+                    client.close()
+                    client.error = "timed out"
+                elif client.error is not None:
+                    samples.errors[client.error] += 1
+                elif short:
+                    samples.errors[f"{len(times)} events instead of {events}"] += 1
+                samples.events += len(times)
+                if times:
+                    samples.ttfb_s.append(times[0] - client.sent_at)
+                    samples.gaps_s.extend(b - a for a, b in pairwise(times))
+    finally:
+        for client in clients:
+            client.close()
     return samples
 
 

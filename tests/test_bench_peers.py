@@ -17,10 +17,17 @@ import yaml
 from backends.fast import FastServer, asks_for_stream
 from benchmarks.peers import ALL_NAMES, select
 from benchmarks.peers_configs import haproxy_cfg, lb_config, litellm_config, nginx_conf
-from benchmarks.peers_measure import Settings, chat_stream_request, run_chat_wave, summaries
+from benchmarks.peers_measure import (
+    Settings,
+    chat_stream_request,
+    run_chat_wave,
+    run_chat_waves_reused,
+    summaries,
+)
 from benchmarks.peers_plots import series
 from benchmarks.peers_report import ratios, render, round_ratios, write_results
 from benchmarks.peers_targets import descendants, parse_stat
+from benchmarks.streams import run_waves_reused
 from lb.config import parse_config
 
 PORTS = [41001, 41002]
@@ -241,6 +248,58 @@ async def test_a_chat_wave_counts_short_streams_as_failed() -> None:
     assert dict(samples.errors) == {"3 events instead of 6": 2}
 
 
+class CountingFastServer(FastServer):
+    """backends.fast, counting the connections it is handed."""
+
+    opened = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        CountingFastServer.opened += 1
+        super().connection_made(transport)
+
+
+async def test_reused_chat_waves_count_every_event_over_connections_opened_once() -> None:
+    """Three waves of 4 streams of 3 chunks: 48 events, [DONE] included, on 4 connections."""
+    loop = asyncio.get_running_loop()
+    CountingFastServer.opened = 0
+    server = await loop.create_server(lambda: CountingFastServer(3, 0.002), "127.0.0.1", 0)
+    try:
+        port = int(server.sockets[0].getsockname()[1])
+        settings = Settings(duration_s=2, rounds=1, connections=4, streams=4, chunks=3)
+        samples = await run_chat_waves_reused(port, 3, settings)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (samples.streams, samples.events, dict(samples.errors)) == (12, 48, {})
+    assert len(samples.ttfb_s) == 12
+    assert CountingFastServer.opened == 4
+
+
+async def test_a_reused_connection_the_server_closes_fails_its_later_waves() -> None:
+    """A server that closes each connection after one stream: the first wave succeeds, each
+    later stream counts as failed, none is sent on a closed connection."""
+
+    class OneStreamServer(FastServer):
+        def _stream(self, i: int, chunks: int, interval_s: float, event: Any) -> None:
+            super()._stream(i, chunks, interval_s, event)
+            if i >= chunks and self.transport is not None:
+                self.transport.close()
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: OneStreamServer(1, 0.001), "127.0.0.1", 0)
+    try:
+        port = int(server.sockets[0].getsockname()[1])
+        samples = await run_waves_reused(
+            chat_stream_request(port), "127.0.0.1", port, 3, 2, 3, 5.0, at_least=True
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert samples.streams == 9
+    assert sum(samples.errors.values()) == 6
+    assert len(samples.ttfb_s) == 3
+
+
 def test_stream_waves_follow_the_duration() -> None:
     """Five waves per round at 10 s per run, and never fewer than one."""
     assert Settings(10, 3, 64).stream_waves == 5
@@ -313,6 +372,11 @@ def _results() -> dict[str, Any]:
                 "nginx": {"median": None, "rounds": []},
             }
         },
+        "streams_reused": {
+            "targets": {
+                "lb": {"median": {**stream, "ttfb_ms_p50": 3.0}, "rounds": []},
+            }
+        },
     }
     results["ratios"] = ratios(small)
     return results
@@ -325,6 +389,8 @@ def test_the_report_shows_each_target_with_its_ratio() -> None:
     assert "| nginx | CPU 1 | 20,000 | 0.50 |" in text
     assert "| litellm | CPU 1 | failed |" in text
     assert "| lb | 10.00 | 12.00 | 25.00 | 7.00 | 40.0 | 0 / 64 |" in text
+    reused = text.split("## Streams on reused connections")[1]
+    assert "| lb | 3.00 | 12.00 | 25.00 | 7.00 | 40.0 | 0 / 64 |" in reused
     assert "- **litellm**: skipped: cannot install" in text
     assert "round 1: wrk failed" in text
     assert "| lb | 1 | 10,000 | 9.00 | 80.0 | 0.00 | 12.00 | 25.00 |" in text
