@@ -13,10 +13,10 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import cast
+from typing import TypeVar, cast
 
 import httptools
 
@@ -29,6 +29,8 @@ class StreamClient(asyncio.Protocol):
     ``done`` resolves when the response ends or the connection is lost; ``error`` then names
     what went wrong, or is ``None`` for a complete ``200`` answer.
     """
+
+    reused = False  # its connection carries this one stream only
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.done = done
@@ -82,12 +84,15 @@ class StreamClient(asyncio.Protocol):
             return
         self.error = error
         self.done.set_result(None)
-        self.close()
+        if error is not None or not self.reused:
+            self.close()
 
 
 class ReusedStreamClient(StreamClient):
     """A :class:`StreamClient` whose connection carries one stream after another, as an HTTP
     client's connection pool does: :meth:`expect` readies it for the next response."""
+
+    reused = True
 
     def expect(self, done: asyncio.Future[None]) -> None:
         self.done = done
@@ -95,14 +100,6 @@ class ReusedStreamClient(StreamClient):
         self.event_times = []
         self.error = None
         self._last_byte = b""
-
-    def _finish(self, error: str | None) -> None:
-        if self.done.done():
-            return
-        self.error = error
-        self.done.set_result(None)
-        if error is not None:
-            self.close()
 
 
 @dataclass
@@ -151,41 +148,15 @@ async def run_wave_of(
     proxy that splits one in two); one that ends otherwise, fails, or outlives ``timeout_s`` is
     counted in ``errors`` (its timings that did arrive are kept).
     """
-    loop = asyncio.get_running_loop()
-
-    async def connect() -> StreamClient | str:
-        done: asyncio.Future[None] = loop.create_future()
-        try:
-            _, client = await loop.create_connection(lambda: StreamClient(done), host, port)
-        except OSError as exc:
-            return f"connect: {exc.strerror or type(exc).__name__}"
-        return client
-
-    opened = await asyncio.gather(*(connect() for _ in range(concurrency)))
-    clients = [c for c in opened if isinstance(c, StreamClient)]
+    clients, failed = await _open_clients(StreamClient, host, port, concurrency)
     samples = StreamSamples(streams=concurrency)
-    samples.errors.update(c for c in opened if isinstance(c, str))
+    samples.errors.update(failed)
     for client in clients:
         client.send(request)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await asyncio.gather(*(client.done for client in clients))
-    except TimeoutError:
-        pass
+    await _await_streams(clients, timeout_s)
     for client in clients:
+        _tally(samples, client, events, at_least)
         client.close()
-        times = client.event_times
-        short = len(times) < events if at_least else len(times) != events
-        if not client.done.done():
-            samples.errors["timed out"] += 1
-        elif client.error is not None:
-            samples.errors[client.error] += 1
-        elif short:
-            samples.errors[f"{len(times)} events instead of {events}"] += 1
-        samples.events += len(times)
-        if times:
-            samples.ttfb_s.append(times[0] - client.sent_at)
-            samples.gaps_s.extend(b - a for a, b in pairwise(times))
     return samples
 
 
@@ -202,21 +173,11 @@ async def run_waves_reused(
 ) -> StreamSamples:
     """Open ``concurrency`` connections once, then ``waves`` times send ``request`` on each at
     once and read every stream (counted as in :func:`run_wave_of`); a connection that fails
-    is not used again, and each wave it misses counts as a failed stream."""
+    or times out is not used again, and each wave it misses counts as a failed stream."""
     loop = asyncio.get_running_loop()
-
-    async def connect() -> ReusedStreamClient | str:
-        done: asyncio.Future[None] = loop.create_future()
-        try:
-            _, client = await loop.create_connection(lambda: ReusedStreamClient(done), host, port)
-        except OSError as exc:
-            return f"connect: {exc.strerror or type(exc).__name__}"
-        return client
-
-    opened = await asyncio.gather(*(connect() for _ in range(concurrency)))
-    clients = [c for c in opened if isinstance(c, ReusedStreamClient)]
+    clients, failed = await _open_clients(ReusedStreamClient, host, port, concurrency)
     samples = StreamSamples(streams=concurrency * waves)
-    for error in (c for c in opened if isinstance(c, str)):
+    for error in failed:
         samples.errors[error] += waves
     try:
         for _ in range(waves):
@@ -226,30 +187,59 @@ async def run_waves_reused(
             for client in live:
                 client.expect(loop.create_future())
                 client.send(request)
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await asyncio.gather(*(client.done for client in live))
-            except TimeoutError:
-                pass
+            await _await_streams(live, timeout_s)
             for client in live:
-                times = client.event_times
-                short = len(times) < events if at_least else len(times) != events
-                if not client.done.done():
-                    samples.errors["timed out"] += 1
-                    client.close()
-                    client.error = "timed out"
-                elif client.error is not None:
-                    samples.errors[client.error] += 1
-                elif short:
-                    samples.errors[f"{len(times)} events instead of {events}"] += 1
-                samples.events += len(times)
-                if times:
-                    samples.ttfb_s.append(times[0] - client.sent_at)
-                    samples.gaps_s.extend(b - a for a, b in pairwise(times))
+                _tally(samples, client, events, at_least)
     finally:
         for client in clients:
             client.close()
     return samples
+
+
+Client = TypeVar("Client", bound=StreamClient)
+
+
+async def _open_clients(
+    make: Callable[[asyncio.Future[None]], Client], host: str, port: int, concurrency: int
+) -> tuple[list[Client], list[str]]:
+    """``concurrency`` connections opened at once: the clients, and why the others failed."""
+    loop = asyncio.get_running_loop()
+
+    async def connect() -> Client | str:
+        done: asyncio.Future[None] = loop.create_future()
+        try:
+            _, client = await loop.create_connection(lambda: make(done), host, port)
+        except OSError as exc:
+            return f"connect: {exc.strerror or type(exc).__name__}"
+        return client
+
+    opened = await asyncio.gather(*(connect() for _ in range(concurrency)))
+    return [c for c in opened if not isinstance(c, str)], [c for c in opened if isinstance(c, str)]
+
+
+async def _await_streams(clients: Sequence[StreamClient], timeout_s: float) -> None:
+    """Wait until every stream ends or ``timeout_s`` passes (``asyncio.wait`` cancels none of
+    them, so a stream still running is told apart from one that ended)."""
+    if clients:
+        await asyncio.wait([client.done for client in clients], timeout=timeout_s)
+
+
+def _tally(samples: StreamSamples, client: StreamClient, events: int, at_least: bool) -> None:
+    """Count ``client``'s stream into ``samples``; one still running is closed as timed out."""
+    times = client.event_times
+    short = len(times) < events if at_least else len(times) != events
+    if not client.done.done():
+        samples.errors["timed out"] += 1
+        client.error = "timed out"  # not reused: its response is still arriving
+        client.close()
+    elif client.error is not None:
+        samples.errors[client.error] += 1
+    elif short:
+        samples.errors[f"{len(times)} events instead of {events}"] += 1
+    samples.events += len(times)
+    if times:
+        samples.ttfb_s.append(times[0] - client.sent_at)
+        samples.gaps_s.extend(b - a for a, b in pairwise(times))
 
 
 async def run_waves(

@@ -199,9 +199,8 @@ class ClientConnection(asyncio.Protocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        # A task cancelled before its first step never reports its request done.
-        if self._current is None or self._task is None or self._task.done():
-            self._let_go()
+        if self._current is None or self._task is None:
+            self._let_go()  # nothing runs a request now (a running task lets go as it ends)
 
     def _let_go(self) -> None:
         """A closed connection with nothing running: break the reference cycles it is part
@@ -428,8 +427,11 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self._task = None
             self._serving = False
-            if self.closed:
-                self._let_go()
+            if not self.closed:
+                # Cancelled from elsewhere (the loop shutting down): nothing would answer
+                # this connection's requests any more.
+                self.abort()
+            self._let_go()
 
     def _cancel_task(self) -> None:
         task = self._task
@@ -606,6 +608,8 @@ class ClientConnection(asyncio.Protocol):
             self._cancel_task()
             self.answer_error(current, err)
             self.close_lingering()
+            if self._task is None:  # it had not started: nothing else will let go
+                self._let_go()
         else:
             # A later pipelined request is bad: finish the current one, then close.
             current.keep_alive = False

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import math
 from collections.abc import Callable
 from typing import Final
 
@@ -119,7 +120,7 @@ class TimerWheel:
 
     def add(self, deadline: WheelDeadline, due: float) -> int:
         """Hold ``deadline`` until the first tick at or after ``due``; returns that tick."""
-        tick = int(due / TICK_S) + 1
+        tick = math.ceil(due / TICK_S)
         bucket = self._buckets.get(tick)
         if bucket is None:
             bucket = self._buckets[tick] = set()
@@ -146,7 +147,10 @@ class TimerWheel:
         ticks = self._ticks
         buckets = self._buckets
         while ticks and ticks[0] * TICK_S <= now + SLACK_S:
-            for deadline in buckets.pop(heapq.heappop(ticks), ()):
+            tick = heapq.heappop(ticks)
+            for deadline in buckets.pop(tick, ()):
+                if deadline.tick != tick:
+                    continue  # moved to another tick by a callback run before it in this one
                 try:
                     deadline.expire(now)
                 except Exception:  # one owner's bug must not stop the others' deadlines
@@ -158,13 +162,13 @@ class TimerWheel:
 class WheelDeadline:
     """A :class:`Deadline` kept on a shared :class:`TimerWheel` (fires up to ``TICK_S`` late)."""
 
-    __slots__ = ("_callback", "_due", "_tick", "_wheel")
+    __slots__ = ("_callback", "_due", "_wheel", "tick")
 
     def __init__(self, wheel: TimerWheel, callback: Callable[[], None]) -> None:
         self._wheel = wheel
         self._callback = callback
         self._due: float | None = None
-        self._tick = 0  # the wheel tick holding this deadline; 0: not held
+        self.tick = 0  # the wheel tick holding this deadline; 0: not held
 
     @property
     def due(self) -> float | None:
@@ -182,18 +186,18 @@ class WheelDeadline:
         self._due = due
         if due is None:
             return
-        tick = self._tick
-        if tick == 0 or due < (tick - 1) * TICK_S:
+        tick = self.tick
+        if tick == 0 or due <= (tick - 1) * TICK_S:
             if tick:
                 self._wheel.discard(self, tick)
-            self._tick = self._wheel.add(self, due)
+            self.tick = self._wheel.add(self, due)
 
     def cancel(self) -> None:
         """Disarm and leave the wheel."""
         self._due = None
-        if self._tick:
-            self._wheel.discard(self, self._tick)
-            self._tick = 0
+        if self.tick:
+            self._wheel.discard(self, self.tick)
+            self.tick = 0
 
     def close(self) -> None:
         """Cancel for good and let go of the callback (see :meth:`Deadline.close`)."""
@@ -202,12 +206,12 @@ class WheelDeadline:
 
     def expire(self, now: float) -> None:
         """Called by the wheel when this deadline's tick comes (it is no longer held)."""
-        self._tick = 0
+        self.tick = 0
         due = self._due
         if due is None:
             return
         if now + SLACK_S < due:
-            self._tick = self._wheel.add(self, due)
+            self.tick = self._wheel.add(self, due)
             return
         self._due = None
         self._callback()

@@ -27,7 +27,7 @@ from benchmarks.peers_measure import (
 from benchmarks.peers_plots import series
 from benchmarks.peers_report import ratios, render, round_ratios, write_results
 from benchmarks.peers_targets import descendants, parse_stat
-from benchmarks.streams import run_waves_reused
+from benchmarks.streams import run_wave_of, run_waves_reused
 from lb.config import parse_config
 
 PORTS = [41001, 41002]
@@ -276,8 +276,8 @@ async def test_reused_chat_waves_count_every_event_over_connections_opened_once(
 
 
 async def test_a_reused_connection_the_server_closes_fails_its_later_waves() -> None:
-    """A server that closes each connection after one stream: the first wave succeeds, each
-    later stream counts as failed, none is sent on a closed connection."""
+    """A server that closes each connection after one stream: the first wave succeeds, and
+    every stream of the later waves counts as failed."""
 
     class OneStreamServer(FastServer):
         def _stream(self, i: int, chunks: int, interval_s: float, event: Any) -> None:
@@ -298,6 +298,40 @@ async def test_a_reused_connection_the_server_closes_fails_its_later_waves() -> 
     assert samples.streams == 9
     assert sum(samples.errors.values()) == 6
     assert len(samples.ttfb_s) == 3
+
+
+class StallingServer(FastServer):
+    """backends.fast whose streams send their first chunk and then nothing."""
+
+    def _stream(self, i: int, chunks: int, interval_s: float, event: Any) -> None:
+        if i == 0:
+            super()._stream(i, chunks, interval_s, event)
+
+
+async def test_a_stream_still_running_at_the_timeout_counts_as_timed_out() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: StallingServer(3, 0.001), "127.0.0.1", 0)
+    try:
+        port = int(server.sockets[0].getsockname()[1])
+        samples = await run_wave_of(chat_stream_request(port), "127.0.0.1", port, 2, 4, 0.3)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert dict(samples.errors) == {"timed out": 2}
+    assert len(samples.ttfb_s) == 2  # the first chunk that did arrive is kept
+
+
+async def test_a_reused_connection_whose_stream_timed_out_is_not_reused() -> None:
+    """Its response may still arrive: the next wave must not read it as its own."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: StallingServer(3, 0.001), "127.0.0.1", 0)
+    try:
+        port = int(server.sockets[0].getsockname()[1])
+        samples = await run_waves_reused(chat_stream_request(port), "127.0.0.1", port, 2, 4, 2, 0.3)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert dict(samples.errors) == {"timed out": 2, "connection closed before its wave": 2}
 
 
 def test_stream_waves_follow_the_duration() -> None:

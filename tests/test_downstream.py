@@ -32,6 +32,7 @@ class RecordingHandler:
         self.tasks: list[asyncio.Task[Any] | None] = []
         self.paths: list[bytes] = []
         self.behaviour: Callable[[ClientConnection, IncomingRequest], bool] | None = None
+        self.hold: asyncio.Future[None] | None = None  # awaited before answering, when set
 
     def handle(self, conn: ClientConnection, req: IncomingRequest) -> Coroutine[Any, Any, None]:
         return self._handle(conn, req)
@@ -40,6 +41,8 @@ class RecordingHandler:
         self.tasks.append(asyncio.current_task())
         self.paths.append(req.url)
         await asyncio.sleep(0)  # a suspension, as a real request has
+        if self.hold is not None:
+            await self.hold
         report_done = True
         if self.behaviour is not None:
             report_done = self.behaviour(conn, req)
@@ -163,6 +166,30 @@ async def test_a_failing_handler_closes_the_connection_instead_of_hanging_it(ser
         assert await read_response(reader) == b"HTTP/1.1 200 OK /b"
     finally:
         writer.close()
+
+
+async def test_a_connection_whose_task_is_cancelled_from_elsewhere_is_closed_not_hung(served):
+    """The loop shutting down cancels every task: the client sees its connection close."""
+    handler, port = served
+    handler.hold = asyncio.get_running_loop().create_future()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(get("/a"))
+        for _ in range(100):
+            if handler.tasks:
+                break
+            await asyncio.sleep(0.01)
+        task = handler.tasks[0]
+        assert task is not None
+        task.cancel()
+        assert await asyncio.wait_for(reader.read(), READ_TIMEOUT_S) == b""
+    finally:
+        writer.close()
+    for _ in range(100):
+        if not handler.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not handler.connections
 
 
 async def test_a_connection_whose_first_body_is_bad_is_freed_without_a_gc_pass(served):

@@ -146,7 +146,7 @@ async def test_a_thousand_deadlines_due_in_one_tick_share_one_loop_timer(
     armed = counting_call_at(loop, monkeypatch)
     wheel = TimerWheel(loop)
     calls = Calls(loop)
-    start = loop.time()  # uvloop's clock holds still within one callback: one tick for all
+    start = loop.time()
     deadlines = [WheelDeadline(wheel, calls) for _ in range(1000)]
     for deadline in deadlines:
         deadline.set(start + 0.05)
@@ -204,3 +204,31 @@ async def test_a_failing_callback_does_not_stop_the_others_due_in_its_tick(
         await asyncio.sleep(0.1)
     assert len(calls.at) == 1
     assert "owner bug" in caplog.text
+
+
+async def test_a_deadline_moved_by_a_callback_of_its_own_tick_keeps_its_new_time() -> None:
+    """Two deadlines share a tick; whichever fires first moves the other 0.1 s later: that one
+    does not fire with the tick, fires at its new time, and leaves the wheel after."""
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop)
+    fired: list[tuple[str, float]] = []
+    deadlines: dict[str, WheelDeadline] = {}
+
+    def fire(name: str) -> None:
+        fired.append((name, loop.time()))
+        other = deadlines["b" if name == "a" else "a"]
+        if other.due is not None:
+            other.cancel()
+            other.set(loop.time() + 0.1)
+
+    start = loop.time()
+    for name in ("a", "b"):
+        deadlines[name] = WheelDeadline(wheel, lambda name=name: fire(name))
+        deadlines[name].set(start + 0.02)
+    await asyncio.sleep(0.06)
+    assert len(fired) == 1
+    assert len(wheel) == 1
+    await asyncio.sleep(0.2)
+    assert len(fired) == 2
+    assert fired[1][1] - fired[0][1] >= 0.1 - 0.002
+    assert len(wheel) == 0
