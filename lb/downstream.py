@@ -426,6 +426,7 @@ class ClientConnection(asyncio.Protocol):
                     self.request_done(req)
         finally:
             self._task = None
+            self._waiter = None  # cancelled with the task if it was waiting
             self._serving = False
             if not self.closed:
                 # Cancelled from elsewhere (the loop shutting down): nothing would answer
@@ -608,7 +609,7 @@ class ClientConnection(asyncio.Protocol):
             self._cancel_task()
             self.answer_error(current, err)
             self.close_lingering()
-            if self._task is None:  # it had not started: nothing else will let go
+            if self._task is None:  # it never ran: let go now, not when the lingering ends
                 self._let_go()
         else:
             # A later pipelined request is bad: finish the current one, then close.

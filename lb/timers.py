@@ -152,7 +152,7 @@ class TimerWheel:
                 if deadline.tick != tick:
                     continue  # moved to another tick by a callback run before it in this one
                 try:
-                    deadline.expire(now)
+                    deadline.expire(tick)
                 except Exception:  # one owner's bug must not stop the others' deadlines
                     log.exception("a deadline's callback failed")
         if ticks and (self._handle is None or ticks[0] < self._armed):
@@ -204,13 +204,16 @@ class WheelDeadline:
         self.cancel()
         self._callback = _nothing
 
-    def expire(self, now: float) -> None:
-        """Called by the wheel when this deadline's tick comes (it is no longer held)."""
+    def expire(self, tick: int) -> None:
+        """Called by the wheel when ``tick``, which held this deadline, comes: due by then, it
+        fires; moved later meanwhile, it is filed in its later tick. (Judged by ticks, not by
+        comparing times: a due time a rounding error past its own tick would be re-filed into
+        that same tick, over and over.)"""
         self.tick = 0
         due = self._due
         if due is None:
             return
-        if now + SLACK_S < due:
+        if math.ceil(due / TICK_S) > tick:
             self.tick = self._wheel.add(self, due)
             return
         self._due = None

@@ -192,6 +192,30 @@ async def test_a_connection_whose_task_is_cancelled_from_elsewhere_is_closed_not
     assert not handler.connections
 
 
+async def test_an_idle_connection_whose_task_is_cancelled_from_elsewhere_closes_cleanly(served):
+    """Cancelled while it waits for the next request: the connection closes, and its close
+    raises nothing into the loop."""
+    handler, port = served
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(get("/a"))
+        assert await read_response(reader) == b"HTTP/1.1 200 OK /a"
+        await asyncio.sleep(0.02)  # the task is back waiting for the next request
+        task = handler.tasks[0]
+        assert task is not None
+        task.cancel()
+        assert await asyncio.wait_for(reader.read(), READ_TIMEOUT_S) == b""
+        await asyncio.sleep(0.05)
+    finally:
+        writer.close()
+        loop.set_exception_handler(previous)
+    assert errors == []
+
+
 async def test_a_connection_whose_first_body_is_bad_is_freed_without_a_gc_pass(served):
     """The bad chunk arrives in the read that carries the head: the connection's task is
     cancelled before it ever runs, and the closed connection still holds no reference cycle."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 import pytest
 
-from lb.timers import Deadline, TimerWheel, WheelDeadline
+from lb.timers import SLACK_S, TICK_S, Deadline, TimerWheel, WheelDeadline
 
 MakeDeadline = Callable[[asyncio.AbstractEventLoop, Callable[[], None]], Deadline | WheelDeadline]
 
@@ -207,19 +208,19 @@ async def test_a_failing_callback_does_not_stop_the_others_due_in_its_tick(
 
 
 async def test_a_deadline_moved_by_a_callback_of_its_own_tick_keeps_its_new_time() -> None:
-    """Two deadlines share a tick; whichever fires first moves the other 0.1 s later: that one
-    does not fire with the tick, fires at its new time, and leaves the wheel after."""
+    """Two deadlines share a tick; whichever fires first moves the other 0.1 s later, then
+    disarms it: the other does not fire, and closing it takes it out of the wheel."""
     loop = asyncio.get_running_loop()
     wheel = TimerWheel(loop)
-    fired: list[tuple[str, float]] = []
+    fired: list[str] = []
     deadlines: dict[str, WheelDeadline] = {}
 
     def fire(name: str) -> None:
-        fired.append((name, loop.time()))
+        fired.append(name)
         other = deadlines["b" if name == "a" else "a"]
-        if other.due is not None:
-            other.cancel()
-            other.set(loop.time() + 0.1)
+        other.cancel()
+        other.set(loop.time() + 0.1)
+        other.set(None)
 
     start = loop.time()
     for name in ("a", "b"):
@@ -227,8 +228,26 @@ async def test_a_deadline_moved_by_a_callback_of_its_own_tick_keeps_its_new_time
         deadlines[name].set(start + 0.02)
     await asyncio.sleep(0.06)
     assert len(fired) == 1
-    assert len(wheel) == 1
-    await asyncio.sleep(0.2)
-    assert len(fired) == 2
-    assert fired[1][1] - fired[0][1] >= 0.1 - 0.002
+    other = deadlines["b" if fired[0] == "a" else "a"]
+    other.close()
+    assert len(wheel) == 0
+    await asyncio.sleep(0.15)
+    assert len(fired) == 1
+
+
+async def test_a_due_time_a_rounding_error_past_its_tick_fires_with_that_tick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A due time one float step above a tick boundary can round to that tick: the wheel
+    fires it there instead of filing it into the same tick again and again."""
+    loop = asyncio.get_running_loop()
+    n = next(
+        n for n in range(1, 10_000) if math.ceil(math.nextafter(n * TICK_S, math.inf) / TICK_S) == n
+    )
+    wheel = TimerWheel(loop)
+    calls = Calls(loop)
+    WheelDeadline(wheel, calls).set(math.nextafter(n * TICK_S, math.inf))
+    monkeypatch.setattr(loop, "time", lambda: n * TICK_S - SLACK_S)
+    wheel._fire()  # the tick's loop timer, run at the earliest moment it may
+    assert len(calls.at) == 1
     assert len(wheel) == 0
