@@ -24,7 +24,7 @@ EVENT_END = b"\n\n"
 
 
 class StreamClient(asyncio.Protocol):
-    """One streamed GET on its own connection.
+    """One streamed request (a chat completion or a ``GET /stream``) on its own connection.
 
     ``done`` resolves when the response ends or the connection is lost; ``error`` then names
     what went wrong, or is ``None`` for a complete ``200`` answer.

@@ -430,6 +430,14 @@ def test_the_report_shows_each_target_with_its_ratio() -> None:
     assert "| lb | 1 | 10,000 | 9.00 | 80.0 | 0.00 | 12.00 | 25.00 |" in text
 
 
+def test_a_results_file_from_before_reused_connections_renders_without_that_table() -> None:
+    results = _results()
+    del results["streams_reused"]
+    text = render(results)
+    assert "## Streams\n" in text
+    assert "## Streams on reused connections" not in text
+
+
 def test_results_files_are_written_with_a_latest_copy(tmp_path: Path) -> None:
     """The JSON, the dated Markdown and peers-latest.md land in the output directory."""
     json_path, md_path, latest = write_results(_results(), tmp_path / "out")
