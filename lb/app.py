@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import logging
 import signal
@@ -155,7 +156,7 @@ class App:
         config = self.config
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: ClientConnection(proxy, limits),
+            functools.partial(ClientConnection, proxy, limits),  # no interpreted frame per accept
             config.listen.host,
             config.listen.port,
             backlog=4096,

@@ -182,6 +182,12 @@ class ClientConnection(asyncio.Protocol):
             self._callback_error = None
             self._fail(err)
 
+    def eof_received(self) -> bool:
+        # The client half-closed: the transport closes and connection_lost aborts what is
+        # running, as nginx does for a client that goes away. (Defined here, not inherited, so
+        # the compiled class answers without an interpreted call.)
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.handler.connections.discard(self)

@@ -807,6 +807,34 @@ async def test_a_client_leaving_with_pipelined_requests_waiting_aborts_the_one_r
     assert backend.hits == 1
 
 
+async def test_a_client_that_half_closes_after_its_request_is_taken_for_gone(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """A FIN after the request ends the connection, as nginx treats it: the request running
+    upstream is cancelled (no GPU time for an answer nobody reads) and the client reads the
+    close rather than waiting out response_headers_s."""
+    (backend,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("p", [backend])]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
+    await writer.drain()
+    proxy = proxy_of(app)
+    for _ in range(40):  # bounded: 2 s
+        if proxy.active_requests:
+            break
+        await asyncio.sleep(0.05)
+    assert proxy.active_requests
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    for _ in range(40):
+        if not proxy.active_requests and not proxy.connections:
+            break
+        await asyncio.sleep(0.05)
+    assert not proxy.active_requests
+    assert not proxy.connections
+    writer.close()
+
+
 async def test_pipelined_requests_sent_in_pieces_are_answered_in_order(
     backends: StartBackends, start_proxy: StartProxy
 ) -> None:
