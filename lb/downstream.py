@@ -105,6 +105,9 @@ class ClientConnection(asyncio.Protocol):
         self._framing_raw_bytes = 0
         self._body_seen = False
         self._callback_error: ProxyError | None = None
+        # A pipelined request after the one being answered was bad: answered once the
+        # requests queued before it are, then the connection closes.
+        self._deferred_error: ProxyError | None = None
         self._last_parsed: IncomingRequest | None = None  # the last request fully read
         # A WebSocket handshake waiting for the backend: bytes the client sent after it.
         self._tunnel_held: bytearray | None = None
@@ -504,12 +507,16 @@ class ClientConnection(asyncio.Protocol):
         if self._queue:
             nxt = self._queue.popleft()
             self._start(nxt)
-            if not self._queue:
+            if not self._queue and self._deferred_error is None:
                 self._resume_reading(PAUSE_PIPELINE)
                 held = bytes(self._pipeline_held)
                 self._pipeline_held.clear()
                 if held:
                     self.data_received(held)
+        elif self._deferred_error is not None:
+            self.answer_error(None, self._deferred_error)
+            self._deferred_error = None
+            self.close_lingering()
         elif self._parsing is None:
             self._deadline.set_in(self.limits.keepalive_timeout_s)
         else:
@@ -604,8 +611,7 @@ class ClientConnection(asyncio.Protocol):
     def _fail(self, err: ProxyError) -> None:
         """The input is unusable: answer ``err`` if nothing else is being answered, then close."""
         self._pause_reading(PAUSE_PIPELINE)
-        self._queue.clear()
-        self._pipeline_held.clear()
+        self._pipeline_held.clear()  # nothing after the bad input can be framed
         current = self._current
         if current is None:
             self.answer_error(None, err)
@@ -618,8 +624,13 @@ class ClientConnection(asyncio.Protocol):
             if self._task is None:  # it never ran: let go now, not when the lingering ends
                 self._let_go()
         else:
-            # A later pipelined request is bad: finish the current one, then close.
-            current.keep_alive = False
+            # A later pipelined request is bad: the requests before it are answered in order,
+            # then the error, then the connection closes (nginx reads a pipeline one request at
+            # a time, and so answers the same way however the bytes were split into reads).
+            bad = self._parsing
+            if bad is not None and bad in self._queue:
+                self._queue.remove(bad)  # its body was the bad input
+            self._deferred_error = err
 
     def _on_header_timeout(self) -> None:
         """The head being read took too long (408), or an idle keep-alive connection expired."""

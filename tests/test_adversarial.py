@@ -354,14 +354,84 @@ async def test_two_hundred_pipelined_requests_in_one_send_are_answered_in_order(
 async def test_a_malformed_request_behind_a_good_one_lets_the_good_one_finish(
     backends: StartBackends, start_proxy: StartProxy
 ) -> None:
-    """The first pipelined request is answered; the garbage after it closes the connection."""
+    """The first pipelined request is answered, then the garbage after it gets its 400 and
+    the connection closes."""
     (backend,) = await backends(1)
     app = await start_proxy(proxy_config([pool("p", [backend])]))
-    raw = await exchange(app.port, b"GET /good HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n")
+    raw = await exchange(
+        app.port, b"GET /good HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n", responses=3
+    )
     responses = parse_responses(raw)
+    assert len(responses) == 2
     assert responses[0].status == 200 and responses[0].complete
     assert json.loads(responses[0].body)["path"] == "/good"
+    assert_json_error(responses[1], 400, "bad_request")
     assert backend.hits == 1
+
+
+@pytest.mark.parametrize("pieces", [1, 3], ids=["one-read", "three-reads"])
+async def test_pipelined_requests_ahead_of_a_malformed_one_are_all_answered_first(
+    backends: StartBackends, start_proxy: StartProxy, pieces: int
+) -> None:
+    """However the bytes arrive, every good request before the bad one is answered in order,
+    then the 400, then the close: none is dropped unanswered."""
+    (backend,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("p", [backend])]))
+    parts = [
+        b"GET /stream?chunks=3&interval_ms=30 HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /second HTTP/1.1\r\nHost: t\r\n\r\nPOST /third HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Length: 2\r\n\r\nok",
+        b"GARBAGE\r\n\r\n",
+    ]
+    sent = [b"".join(parts)] if pieces == 1 else parts
+    raw = await exchange(app.port, *sent, responses=5)
+    responses = parse_responses(raw)
+    assert [r.status for r in responses] == [200, 200, 200, 400]
+    assert json.loads(responses[1].body)["path"] == "/second"
+    assert json.loads(responses[2].body)["path"] == "/third"
+    assert_json_error(responses[3], 400, "bad_request")
+    assert backend.hits == 3
+
+
+async def test_a_queued_request_whose_body_is_malformed_gets_the_400_after_those_before_it(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """The bad input is the chunked body of a queued request: the requests before it are
+    answered, the bad one never reaches a backend."""
+    (backend,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("p", [backend])]))
+    raw = await exchange(
+        app.port,
+        b"GET /stream?chunks=3&interval_ms=30 HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"POST /bad HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        responses=4,
+    )
+    responses = parse_responses(raw)
+    assert [r.status for r in responses] == [200, 200, 400]
+    assert json.loads(responses[1].body)["path"] == "/second"
+    assert backend.hits == 2
+
+
+async def test_a_pipeline_ends_with_the_request_that_asked_to_close(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """Requests after one with Connection: close are neither forwarded nor answered, and the
+    requests before it all are."""
+    (backend,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("p", [backend])]))
+    raw = await exchange(
+        app.port,
+        b"GET /stream?chunks=3&interval_ms=30 HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n",
+        responses=3,
+    )
+    responses = parse_responses(raw)
+    assert [r.status for r in responses] == [200, 200]
+    assert json.loads(responses[1].body)["path"] == "/last"
+    assert responses[1].headers.get(b"connection") == b"close"
+    assert backend.hits == 2
 
 
 @pytest.mark.parametrize(
