@@ -34,6 +34,9 @@ from lb.upstream import FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamCon
 
 # A body with no byte for this long (or the whole timeout, if shorter) has stalled.
 STALL_QUIET_S: Final = 5.0
+# The longest wait (or idle_s, if shorter) for the rest of an answer that will be retried:
+# reading it only keeps the connection for reuse.
+DISCARD_WAIT_S: Final = 1.0
 
 
 class Exchange:
@@ -148,8 +151,13 @@ class Exchange:
         self._headers = headers
         if status in self._retry_statuses:
             # The client never sees this answer: its body is read and dropped, and the
-            # request is tried again (the connection stays reusable).
+            # request is tried again (the connection stays reusable). A body slow to come
+            # is not waited for: the connection is cut and the retry goes ahead.
             self._discard = True
+            idle_s = self._idle_s
+            self.conn.deadline.set_in(
+                DISCARD_WAIT_S if idle_s is None else min(idle_s, DISCARD_WAIT_S)
+            )
             return
         req = self.req
         if status == 101:
@@ -352,6 +360,10 @@ class Exchange:
             )
             return
         if self._ended:
+            return
+        if self._discard:  # the body of an answer being retried did not come in time
+            self.conn.abort()
+            self._resolve(self._status_error())
             return
         if self._idle_s is not None and self._active_s >= 0.0:
             due = self._active_s + self._idle_s

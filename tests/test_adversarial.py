@@ -17,6 +17,7 @@ import httptools
 import pytest
 
 from lb.app import App
+from lb.exchange import DISCARD_WAIT_S
 from lb.proxy import Proxy
 from tests.conftest import pool, proxy_config
 
@@ -764,6 +765,56 @@ async def test_a_response_transfer_coding_other_than_chunked_is_a_502(
     app = await start_proxy(proxy_config([raw_pool(backend)]))
     (resp,) = parse_responses(await exchange(app.port, GET))
     assert_json_error(resp, 502, "backend_error")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\nabc", id="short"
+        ),
+        pytest.param(
+            b"HTTP/1.1 429 Too Many\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", id="chunked"
+        ),
+        pytest.param(b"HTTP/1.1 503 Service Unavailable\r\n\r\nabc", id="unframed"),
+        pytest.param(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\n", id="head-only"
+        ),
+    ],
+)
+async def test_a_retried_answer_whose_body_never_ends_does_not_hold_the_retry(
+    raw_backend: Callable[[Behaviour], Awaitable[RawBackend]],
+    start_proxy: StartProxy,
+    answer: bytes,
+) -> None:
+    """A 503 (or 429) is read only to keep its connection: when the rest of its body does not
+    come, the connection is cut and the request goes to the next backend, instead of the
+    client waiting for a body nobody will see."""
+    sick = await raw_backend(answers(answer, then="stall"))
+    well = await raw_backend(answers(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    config = proxy_config(
+        [
+            {
+                "name": "p",
+                "strategy": "round_robin",
+                "backends": [
+                    {"url": f"http://127.0.0.1:{sick.port}", "name": "sick"},
+                    {"url": f"http://127.0.0.1:{well.port}", "name": "well"},
+                ],
+                "health_check": {"enabled": False},
+                "retry": {"max_retries": 1, "backoff_base_s": 0},
+                # Longer than the test's read timeout: only the discard's own wait can end it.
+                "timeouts": {"connect_s": 1, "response_headers_s": 30, "idle_s": 30},
+            }
+        ]
+    )
+    app = await start_proxy(config)
+    # Well within the sick backend's stall (READ_TIMEOUT_S), after which it would close.
+    async with asyncio.timeout(3 * DISCARD_WAIT_S):
+        raw = await exchange(app.port, b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+    (response,) = parse_responses(raw)
+    assert response.status == 200 and response.body == b"ok"
+    assert sick.connections == 1 and well.connections == 1
 
 
 @pytest.mark.parametrize("status", [b"000", b"099"])
