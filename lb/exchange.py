@@ -37,6 +37,10 @@ STALL_QUIET_S: Final = 5.0
 # The longest wait (or idle_s, if shorter) for the rest of an answer that will be retried:
 # reading it only keeps the connection for reuse.
 DISCARD_WAIT_S: Final = 1.0
+# A reused connection that fails before any response byte within this long of the request
+# being written is taken for one the backend closed as idle while the request was on its way:
+# the request is replayed on a fresh connection. Failing later, the backend had it.
+STALE_WINDOW_S: Final = 1.0
 
 
 class Exchange:
@@ -57,6 +61,7 @@ class Exchange:
         "_out",
         "_pool_name",
         "_retry_statuses",
+        "_sent_s",
         "_settings",
         "_tunnel",
         "attempt",
@@ -91,6 +96,7 @@ class Exchange:
         self.loop = client.loop
         self.done: asyncio.Future[ProxyError | None] = self.loop.create_future()
         self.stale = False  # failed on a reused connection before any response byte
+        self._sent_s = 0.0  # loop time the request was written
         self.status = 0
         self._extra = extra_headers
         self._settings = settings
@@ -118,6 +124,7 @@ class Exchange:
         client.upstream = conn
         data = head + req.body.attach(conn)
         conn.begin(self, req.body, req.method == b"HEAD", data, upgrade=req.upgrade is not None)
+        self._sent_s = self.loop.time()
         if client.write_paused:
             conn.pause_reading()
         conn.deadline.set_in(self._headers_timeout_s)
@@ -329,7 +336,14 @@ class Exchange:
     def on_upstream_lost(self, error: UpstreamFailed, response_started: bool) -> None:
         self.flush()
         conn = self.conn
-        self.stale = not response_started and not conn.got_bytes and conn.reused
+        # A kept-alive connection the backend closed as it was reused fails at once; one that
+        # fails later had the request in the backend's hands, and is no stale connection.
+        self.stale = (
+            not response_started
+            and not conn.got_bytes
+            and conn.reused
+            and self.loop.time() - self._sent_s <= STALE_WINDOW_S
+        )
         if self._discard:
             self._resolve(self._status_error())  # the retry is due anyway
             return

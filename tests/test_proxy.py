@@ -15,7 +15,7 @@ import pytest
 
 from lb import native
 from lb.downstream import ClientConnection
-from lb.exchange import Exchange
+from lb.exchange import STALE_WINDOW_S, Exchange
 from lb.upstream import UpstreamConnection
 from tests.conftest import free_port, pool, proxy_config, raw_exchange, url
 
@@ -385,6 +385,58 @@ async def test_a_dead_pooled_connection_is_replaced_without_failing_the_request(
                     assert resp.status == 200
                     assert await resp.read() == b"ok"
         assert served == 3
+    finally:
+        server.close()
+        for writer in writers:
+            writer.transport.abort()
+        await asyncio.sleep(0)
+
+
+async def test_a_request_the_backend_held_before_closing_is_not_replayed(start_proxy):
+    """A pooled connection that fails long after the request was written (the backend read
+    it, held it, then went away) is no idle-close race: the POST is not sent again, and with
+    retries off the client gets the 502."""
+    received: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        try:
+            for n in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                received.append(head.split(b" ", 2)[1])
+                if n == 1:
+                    await reader.readexactly(4)  # the whole body: the request is taken
+                    await asyncio.sleep(STALE_WINDOW_S + 0.5)
+                    writer.close()
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        app = await start_proxy(
+            proxy_config(
+                [
+                    {
+                        "name": "p",
+                        "backends": [{"url": f"http://127.0.0.1:{port}"}],
+                        "health_check": {"enabled": False},
+                        "retry": {"max_retries": 0},
+                    }
+                ]
+            )
+        )
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url(app, "/warm")) as resp:
+                assert resp.status == 200
+            async with s.post(url(app, "/generate"), data=b"body") as resp:
+                assert resp.status == 502
+                assert (await resp.json())["error"]["type"] == "backend_error"
+        assert received == [b"/warm", b"/generate"]
     finally:
         server.close()
         for writer in writers:
