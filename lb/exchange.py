@@ -173,7 +173,11 @@ class Exchange:
         http11 = req.version == "1.1"
         self._chunked = chunked = framing > FRAMING_LENGTH and http11
         reusable = framing != FRAMING_CLOSE or chunked
-        keep = req.keep_alive and reusable and not self.client.handler.draining
+        # An answer that comes before the client finished its body ends the connection (the
+        # rest of the body is not read), so it says so, as the proxy's own answers do.
+        keep = (
+            req.keep_alive and reusable and req.body.complete and not self.client.handler.draining
+        )
         self._out.append(
             response_head(
                 status,

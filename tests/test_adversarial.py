@@ -817,6 +817,23 @@ async def test_a_retried_answer_whose_body_never_ends_does_not_hold_the_retry(
     assert sick.connections == 1 and well.connections == 1
 
 
+async def test_an_answer_before_the_request_body_ended_says_the_connection_closes(
+    raw_backend: Callable[[Behaviour], Awaitable[RawBackend]], start_proxy: StartProxy
+) -> None:
+    """The backend answers after the head alone: the client, still sending, is told the
+    connection ends with this answer (the rest of its body is not read), and it does."""
+    backend = await raw_backend(answers(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "stall"))
+    app = await start_proxy(proxy_config([raw_pool(backend)]))
+    raw = await exchange(
+        app.port,
+        b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10,
+        responses=2,
+    )
+    (response,) = parse_responses(raw)
+    assert response.status == 200 and response.body == b"ok"
+    assert response.headers.get(b"connection") == b"close"
+
+
 @pytest.mark.parametrize("status", [b"000", b"099"])
 async def test_a_status_below_100_gets_a_502_and_its_body_never_reaches_the_client(
     raw_backend: Callable[[Behaviour], Awaitable[RawBackend]],
