@@ -160,8 +160,12 @@ class InferenceStats:
             return
         # A JSON body may name a model with a lone surrogate ("\ud800"), which no UTF-8 text
         # can hold: as a label it would make every later /metrics scrape fail.
-        label = label.encode("utf-8", "replace").decode()
-        if label not in counts and len(counts) >= MAX_MODELS:
+        encoded = label.encode("utf-8", "replace")
+        label = encoded.decode()
+        if len(encoded) > MODEL_MAX_BYTES:
+            # No model is named so: a label as long as a body would bloat every scrape.
+            label = "other"
+        elif label not in counts and len(counts) >= MAX_MODELS:
             label = "other"
         counts[label] = counts.get(label, 0) + 1
 

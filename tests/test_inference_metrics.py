@@ -18,7 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.sim import SimServer, start_sim
 from lb.app import App
-from lb.inference import MAX_MODELS, InferenceStats, ResponseMeter, model_in, scan_model
+from lb.inference import (
+    MAX_MODELS,
+    MODEL_MAX_BYTES,
+    InferenceStats,
+    ResponseMeter,
+    model_in,
+    scan_model,
+)
 from tests.conftest import pool, proxy_config, url
 
 CHAT = "/v1/chat/completions"
@@ -234,6 +241,16 @@ async def test_a_flood_of_model_names_keeps_the_model_label_bounded(sims, start_
     assert len(named) <= MAX_MODELS == 64
     assert sum(labels.values()) == 100
     assert labels.get("other", 0) >= 100 - 64
+
+
+def test_a_model_name_longer_than_any_real_one_is_counted_as_other() -> None:
+    """A body may name a "model" as long as the body itself: as a label it would ride on
+    every scrape, so it is counted under ``other``; a name at the limit keeps its label."""
+    stats = InferenceStats()
+    at_limit = "m" * MODEL_MAX_BYTES
+    for name in ("a" * 400_000, "b" * (MODEL_MAX_BYTES + 1), at_limit, "llama"):
+        stats.count_model(name)
+    assert stats.requests_by_model == {"other": 2, at_limit: 1, "llama": 1}
 
 
 async def test_a_body_sent_after_its_headers_is_still_counted_under_its_model(sims, start_proxy):
