@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -37,6 +38,24 @@ from lb.timers import TimerWheel, WheelDeadline
 from lb.tunnel import TUNNEL_HOLD_BYTES, TunnelPeer, websocket_upgrade
 
 TASK_NAME: Final = "lb-connection"
+
+# RFC 3986 section 3.2.2 host, optionally with a port: an IP literal in brackets, or a name
+# of unreserved, percent-encoded and sub-delimiter characters (an IPv4 address is one).
+_HOST: Final = re.compile(rb"(?:\[[0-9A-Za-z:.%_~\-]+\]|[0-9A-Za-z\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+
+# Host values found valid, so that each is matched once (a regex match costs about 3% of a
+# request), not on every request; bounded, since clients choose them.
+_VALID_HOSTS: Final[set[bytes]] = set()
+MAX_VALID_HOSTS: Final = 1024
+
+
+def _valid_host(host: bytes) -> bool:
+    if _HOST.fullmatch(host) is None:
+        return False
+    if len(_VALID_HOSTS) < MAX_VALID_HOSTS:
+        _VALID_HOSTS.add(host)
+    return True
+
 
 log = logging.getLogger("lb.downstream")
 
@@ -315,6 +334,10 @@ class ClientConnection(asyncio.Protocol):
                     req.connection_header = True
             elif lname == rid_name:
                 req.request_id = value
+        if req.chunked and req.version == "1.0":
+            # RFC 9112 section 6.1: HTTP/1.0 framing with a transfer coding is faulty; the
+            # message is read as chunked, and the connection ends after it.
+            req.keep_alive = False
         url = req.url
         if url[:1] != b"/" and (url[:7].lower() == b"http://" or url[:8].lower() == b"https://"):
             # Absolute form (RFC 9112 section 3.2.2): its authority is the host, and the rest
@@ -325,8 +348,9 @@ class ClientConnection(asyncio.Protocol):
                 at = after.find(sep)
                 if 0 <= at < end:
                     end = at
-            if end == 0 or after.find(b"@", 0, end) >= 0:
-                # No host, or user:password@host (RFC 9110 section 4.2.4: an error).
+            if end == 0 or _HOST.fullmatch(after, 0, end) is None:
+                # No host, user:password@host (RFC 9110 section 4.2.4: an error), or one
+                # that is no host at all.
                 self._callback_error = BadRequest("invalid authority in the request target")
                 raise self._callback_error
             path = after[end:]
@@ -336,9 +360,29 @@ class ClientConnection(asyncio.Protocol):
             headers.append((b"Host", authority))  # what the backend is asked for
             req.headers = headers
             req.names = None
-        elif req.host is None and req.version == "1.1":
-            self._callback_error = BadRequest("an HTTP/1.1 request needs a Host header")
-            raise self._callback_error
+        else:
+            method = req.method
+            if (
+                url[:1] != b"/"
+                and method != b"CONNECT"  # its authority form: refused with a 405 below
+                and not (url == b"*" and method == b"OPTIONS")
+            ):
+                # RFC 9112 section 3.2: a path, an absolute URI (http or https only, here), or
+                # the asterisk of OPTIONS.
+                self._callback_error = BadRequest(
+                    "the request target must be a path, an http(s) URI, or * for OPTIONS"
+                )
+                raise self._callback_error
+            host = req.host
+            if host is None:
+                if req.version == "1.1":
+                    self._callback_error = BadRequest("an HTTP/1.1 request needs a Host header")
+                    raise self._callback_error
+            elif host not in _VALID_HOSTS and not _valid_host(host):
+                # RFC 9112 section 3.2: a Host that is no host[:port] gets a 400, not a
+                # place in X-Forwarded-Host and the backend's URL.
+                self._callback_error = BadRequest("invalid Host header")
+                raise self._callback_error
         # Routes (and their API keys) match the normalized path, and the backend gets the
         # same: /%70rivate or /a/../private cannot slip past a route for /private.
         url = req.url

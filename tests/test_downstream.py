@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lb.downstream import ClientConnection
+from lb.downstream import _VALID_HOSTS, MAX_VALID_HOSTS, ClientConnection, _valid_host
 from lb.request import IncomingRequest, ListenerLimits
 from lb.timers import TimerWheel
 
@@ -241,3 +241,13 @@ async def test_a_connection_whose_first_body_is_bad_is_freed_without_a_gc_pass(s
     finally:
         gc.enable()
     assert handler.paths == []  # the handler never saw the requests
+
+
+def test_the_valid_hosts_remembered_stay_bounded_whatever_clients_send() -> None:
+    """Each valid Host is matched once and remembered, up to a bound: a client naming a new
+    host on every request cannot grow the memory; past the bound hosts are still judged."""
+    for i in range(MAX_VALID_HOSTS + 500):
+        assert _valid_host(b"host-%d.example:80" % i)
+    assert len(_VALID_HOSTS) <= MAX_VALID_HOSTS
+    assert not _valid_host(b"host 1.example")
+    assert b"host 1.example" not in _VALID_HOSTS

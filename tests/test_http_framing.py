@@ -720,3 +720,81 @@ async def test_an_absolute_form_target_without_a_plain_host_gets_400(backends, s
     raw = await raw_exchange(app.port, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
     assert raw.startswith(b"HTTP/1.1 400 "), raw
     assert backend.hits == 0
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"ftp://models.example/v1/x", b"*", b"models.example/v1/x", b"v1/x"],
+    ids=["other-scheme", "asterisk-on-get", "no-slash-authority", "no-slash-path"],
+)
+async def test_a_target_that_is_no_path_nor_http_uri_gets_400(backends, start_proxy, target):
+    """RFC 9112 section 3.2: origin form, an http(s) absolute URI, or * for OPTIONS; anything
+    else is refused, never forwarded as received."""
+    backend, app = await start(backends, start_proxy)
+    raw = await raw_exchange(app.port, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+    assert raw.startswith(b"HTTP/1.1 400 "), raw
+    assert b'"bad_request"' in raw
+    assert backend.hits == 0
+
+
+async def test_options_asterisk_is_forwarded(backends, start_proxy):
+    """``OPTIONS *`` asks about the server as a whole: the one non-path target that passes."""
+    _backend, app = await start(backends, start_proxy)
+    raw = await raw_exchange(
+        app.port, b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    assert b"x-lb-backend: b0\r\n" in raw  # the backend's own answer, whatever it is
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a b", b"a/b@c", b"user@models.example", b"models.example:80:81", b"[::1", b"a\\b"],
+    ids=["space", "slash-at", "userinfo", "two-ports", "open-bracket", "backslash"],
+)
+async def test_a_host_header_that_is_no_host_gets_400(backends, start_proxy, host):
+    """RFC 9112 section 3.2: an invalid Host is a 400, not a value copied into the backend's
+    request and X-Forwarded-Host."""
+    backend, app = await start(backends, start_proxy)
+    raw = await raw_exchange(app.port, b"GET /v HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+    assert raw.startswith(b"HTTP/1.1 400 "), raw
+    assert b"invalid Host header" in raw
+    assert backend.hits == 0
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"models.example",
+        b"models.example:8080",
+        b"127.0.0.1:80",
+        b"[::1]:8080",
+        b"",
+        b"xn--bcher-kva.example",
+    ],
+    ids=["name", "name-port", "ipv4-port", "ipv6-port", "empty", "punycode"],
+)
+async def test_a_valid_host_header_is_forwarded(backends, start_proxy, host):
+    backend, app = await start(backends, start_proxy)
+    raw = await raw_exchange(
+        app.port, b"GET /v HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host
+    )
+    assert raw.startswith(b"HTTP/1.1 200 "), raw
+    assert backend.hits == 1
+
+
+async def test_an_http10_request_with_a_transfer_coding_ends_its_connection(backends, start_proxy):
+    """RFC 9112 section 6.1: HTTP/1.0 framing with Transfer-Encoding is faulty: the request is
+    read as chunked and answered, then the connection closes, keep-alive or not."""
+    backend, app = await start(backends, start_proxy)
+    async with connect(app) as client:
+        await client.send(
+            b"POST /s HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            b"GET /second HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n"
+        )
+        resp = await client.response()
+        rest = await client.rest_until_eof()
+    assert resp.status == 200
+    assert resp.json()["body_len"] == 5
+    assert rest == b""
+    assert backend.hits == 1
