@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from lb.admin_api import Control, add_routes, json_errors, to_dashboard
+from lb.logs import quiet_client_errors
 from lb.openapi import spec
 
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -63,6 +64,7 @@ def static_file(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 def make_admin_app(
     registry: CollectorRegistry, ready: Callable[[], bool], control: Control
 ) -> web.Application:
+    quiet_client_errors()
     app = web.Application(middlewares=[json_errors])
     app[REGISTRY_KEY] = registry
     app[READY_KEY] = ready

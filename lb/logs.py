@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 # Attributes every LogRecord has; anything else passed with ``extra=`` is written as a field.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
@@ -33,6 +35,31 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+class _ClientErrorsAtDebug(logging.Filter):
+    """aiohttp logs each malformed request it refuses (a 400) at error level with its
+    traceback: any client that reaches the admin listener could flood the log with them.
+    They are the client's errors, already answered: logged at debug level, without the
+    traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or (exc.code or 400) >= 500:
+            return True
+        record.levelno = logging.DEBUG
+        record.levelname = "DEBUG"
+        record.exc_info = None
+        record.exc_text = None
+        record.msg = f"{record.msg}: {exc.message or exc!r}"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def quiet_client_errors() -> None:
+    """Install the filter above on aiohttp's server logger (once, however often called)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientErrorsAtDebug) for f in logger.filters):
+        logger.addFilter(_ClientErrorsAtDebug())
 
 
 def setup_logging(level: str, fmt: str = "json") -> None:

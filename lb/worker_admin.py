@@ -33,6 +33,7 @@ from lb.admin_api import (
     to_dashboard,
 )
 from lb.config import Config
+from lb.logs import quiet_client_errors
 from lb.worker_merge import (
     WORKER_LABEL,
     Json,
@@ -311,6 +312,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def make_fleet_admin_app(fleet: Fleet, session: aiohttp.ClientSession) -> web.Application:
     """The supervisor's admin app; ``session`` reaches the workers' private listeners."""
+    quiet_client_errors()
     app = web.Application(middlewares=[json_errors])
     app[FLEET_KEY] = fleet
     app[SESSION_KEY] = session

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -800,3 +801,27 @@ async def test_a_backends_own_5xx_is_listed_among_the_pools_recent_errors(backen
     assert status == 200
     (error,) = chat["recent_errors"]
     assert (error["backend"], error["status"], error["type"]) == ("b0", 500, "backend_status")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /healthz HTTP/9.9\r\nHost: a\r\n\r\n",
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 100_000 + b"\r\n\r\n",
+    ],
+    ids=["bad-version", "length-and-chunked", "huge-header"],
+)
+async def test_a_malformed_request_to_the_admin_listener_logs_no_error(
+    backends, start_proxy, caplog, request_bytes
+):
+    """A 400 for the client's own malformed request is no error of the proxy's: no error
+    record and no traceback, so a client cannot flood the log with them."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    with caplog.at_level(logging.INFO):
+        raw = await raw_exchange(app.admin_port, request_bytes, read_timeout_s=2)
+    assert raw.startswith(b"HTTP/1.") and b" 400 " in raw.split(b"\r\n", 1)[0], raw[:100]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert all(r.exc_info is None for r in caplog.records)
