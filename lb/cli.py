@@ -7,7 +7,15 @@ import json
 import os
 import sys
 
-from lb.config import Config, ConfigError, RouteConfig, host_port, load_config, route_name
+from lb.config import (
+    MAX_WORKERS,
+    Config,
+    ConfigError,
+    RouteConfig,
+    host_port,
+    load_config,
+    route_name,
+)
 
 DEFAULT_CONFIG = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -107,8 +115,10 @@ def _workers(text: str) -> int:
         count = int(text)
     except ValueError:
         count = -1
-    if count < 0:
-        raise argparse.ArgumentTypeError(f'expected a number or "auto", got {text!r}')
+    if count < 0 or count > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f'expected a number from 0 to {MAX_WORKERS} or "auto", got {text!r}'
+        )
     return count
 
 
@@ -147,9 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     if command == "schema":
         print(json.dumps(Config.model_json_schema(), indent=2))
         return 0
-    config_path: str = (
-        getattr(args, "config", None) or os.environ.get("LB_CONFIG") or DEFAULT_CONFIG
-    )
+    named: str | None = getattr(args, "config", None)
+    if named is None:
+        named = os.environ.get("LB_CONFIG")
+    if named == "":
+        # An unset variable in a script (--config "$FILE"): not a reason to run another file.
+        print("lb: the configuration file named is empty (--config or $LB_CONFIG)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    config_path = named or DEFAULT_CONFIG
     try:
         config = load_config(config_path)
         check_buildable(config, config_path)

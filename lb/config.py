@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import types
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -85,7 +85,10 @@ def _format_line(path: str, key: str, reason: str) -> str:
     return f"{path}: {key}: {reason}" if key else f"{path}: {reason}"
 
 
-_Model = ConfigDict(extra="forbid", frozen=True)
+_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+# More worker processes than any machine has cores: a typo, which would start them all.
+MAX_WORKERS: Final = 1024
 
 
 class Config(BaseModel):
@@ -120,6 +123,7 @@ class Config(BaseModel):
     ] = Field(
         default=1,
         ge=0,
+        le=MAX_WORKERS,
         description="Processes serving the client listener, each with its own event loop "
         '(SO_REUSEPORT spreads connections); 1 is a single process, 0 or "auto" one per '
         "CPU the process may run on. The command line's --workers overrides it.",
@@ -153,8 +157,12 @@ def route_name(name: str | None, index: int) -> str:
 
 
 def admin_token(config: Config) -> str | None:
-    """The admin bearer token: ``admin.token``, else ``$LB_ADMIN_TOKEN``, else ``None``."""
-    return config.admin.token or os.environ.get("LB_ADMIN_TOKEN") or None
+    """The admin bearer token: ``admin.token``, else ``$LB_ADMIN_TOKEN``, else ``None``.
+
+    Surrounding whitespace is dropped (a token file's final newline): a header's value has
+    none, so a token keeping it could never match. Whitespace alone is no token."""
+    token = config.admin.token or os.environ.get("LB_ADMIN_TOKEN") or ""
+    return token.strip() or None
 
 
 def client_api_keys(auth: ClientAuth) -> frozenset[str]:

@@ -12,7 +12,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_Model = ConfigDict(extra="forbid", frozen=True)
+_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 Preset = Literal["vllm", "sglang", "tgi", "triton", "custom"]
 

@@ -16,11 +16,31 @@ from lb.config_load_report import LoadReport
 from lb.config_ops import BackendTLS, ClientAuth
 from lb.config_resilience import Admission, HealthCheck, OutlierDetection, Retry
 
-_Model = ConfigDict(extra="forbid", frozen=True)
+_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _blank_or_control(text: str) -> bool:
     return any(c.isspace() or not c.isprintable() for c in text)
+
+
+# RFC 9110 section 5.6.2: the characters of a token (a field name, a method).
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def http_token(value: str) -> str:
+    """A field name or method as HTTP writes it: one token, no spaces, colons or controls."""
+    if not value or not _TCHAR.issuperset(value):
+        raise ValueError(
+            f"must be an HTTP token: letters, digits and !#$%&'*+-.^_`|~ (got {value!r})"
+        )
+    return value
+
+
+def header_text(value: str) -> str:
+    """Text written into a header value (a backend's name): no control characters."""
+    if not value.isprintable():
+        raise ValueError(f"must not contain control characters or line breaks (got {value!r})")
+    return value
 
 
 def listen_host(value: str) -> str:
@@ -163,7 +183,12 @@ class Headers(BaseModel):
     @field_validator("backend_header", "decision_header")
     @classmethod
     def _empty_is_off(cls, value: str | None) -> str | None:
-        return value or None
+        return http_token(value) if value else None
+
+    @field_validator("request_id_header")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        return http_token(value)
 
 
 class Shutdown(BaseModel):
@@ -250,6 +275,11 @@ class BackendConfig(BaseModel):
     def _check_url(cls, value: str) -> str:
         backend_address(value)
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        return None if value is None else header_text(value)  # written in the backend header
 
 
 class PoolConfig(BaseModel):
@@ -398,7 +428,7 @@ class RouteConfig(BaseModel):
     @field_validator("headers")
     @classmethod
     def _lower_names(cls, value: dict[str, str]) -> dict[str, str]:
-        lowered = {name.lower(): v for name, v in value.items()}
+        lowered = {http_token(name).lower(): v for name, v in value.items()}
         if len(lowered) != len(value):
             raise ValueError("header names differ only by case")
         return lowered
@@ -406,4 +436,4 @@ class RouteConfig(BaseModel):
     @field_validator("methods")
     @classmethod
     def _upper_methods(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else [m.upper() for m in value]
+        return None if value is None else [http_token(m).upper() for m in value]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_Model = ConfigDict(extra="forbid", frozen=True)
+_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_Model = ConfigDict(extra="forbid", frozen=True)
+_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 RetryCondition = Literal["connect_error", "reset", "timeout"]
 

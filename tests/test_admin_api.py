@@ -825,3 +825,26 @@ async def test_a_malformed_request_to_the_admin_listener_logs_no_error(
     assert raw.startswith(b"HTTP/1.") and b" 400 " in raw.split(b"\r\n", 1)[0], raw[:100]
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_an_admin_token_of_whitespace_alone_is_no_token(monkeypatch):
+    """Off loopback, a token of spaces (or a file's lone newline) does not pass for one."""
+    monkeypatch.setenv("LB_ADMIN_TOKEN", " \n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(_public_admin_config(), "test")
+    assert info.value.key == "admin.token"
+
+
+async def test_a_token_with_a_final_newline_still_matches_its_header(
+    backends, start_proxy, monkeypatch
+):
+    """LB_ADMIN_TOKEN read from a file keeps its newline; the header's value has none: the
+    token is taken without its surrounding whitespace, so the call goes through."""
+    monkeypatch.setenv("LB_ADMIN_TOKEN", ADMIN_TOKEN + "\n")
+    (b0,) = await backends(1)
+    config = proxy_config([pool("chat", [b0])])
+    del config["admin"]["token"]
+    app = await start_proxy(config)
+    status, _ = await _post(app, "/api/v1/pools/chat/backends/b0/drain", headers=ADMIN_AUTH)
+    assert status == 200
+    assert _backend(await _state(app), "chat", "b0")["drained"] is True

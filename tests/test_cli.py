@@ -220,3 +220,29 @@ def test_schema_prints_the_json_schema(tmp_path: Path) -> None:
     schema = json.loads(result.stdout)
     assert "pools" in schema["properties"]
     assert schema["required"] == ["pools"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(("check", "--config", ""), {}), (("check",), {"LB_CONFIG": ""})],
+    ids=["flag", "environment"],
+)
+def test_an_empty_config_path_is_an_error_not_the_default_file(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    """``--config "$FILE"`` with FILE unset must not quietly run ./config.yaml instead."""
+    (tmp_path / "config.yaml").write_text(GOOD, encoding="utf-8")
+    result = run_lb(tmp_path, *args, env=env)
+    assert result.returncode == 2
+    assert "configuration file named is empty" in result.stderr
+    assert "OK" not in result.stdout
+
+
+@pytest.mark.parametrize("count", ["-1", "1025", "99999999999999999999999", "many"])
+def test_a_worker_count_out_of_range_is_refused_by_the_command_line(
+    tmp_path: Path, count: str
+) -> None:
+    (tmp_path / "config.yaml").write_text(GOOD, encoding="utf-8")
+    result = run_lb(tmp_path, "--workers", count, "check")
+    assert result.returncode == 2
+    assert "expected a number from 0 to 1024" in result.stderr

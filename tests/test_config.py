@@ -405,3 +405,70 @@ def test_schema_describes_every_field() -> None:
         if "description" not in prop
     ]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("limits: {header_timeout_s: .inf}\n", "limits.header_timeout_s"),
+        ("limits: {keepalive_timeout_s: 1e309}\n", "limits.keepalive_timeout_s"),
+        ("timeouts: {idle_s: .inf}\n", "timeouts.idle_s"),
+        ("timeouts: {connect_s: .nan}\n", "timeouts.connect_s"),
+    ],
+)
+def test_an_infinite_or_nan_duration_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    """Accepted, an infinite timeout broke every connection's timer at run time."""
+    error = load_error(tmp_path, ONE_POOL + text)
+    assert error.key == key
+    assert "finite number" in error.reason
+
+
+def test_an_infinite_ejection_is_refused_at_its_pool(tmp_path: Path) -> None:
+    text = ONE_POOL + "    outlier_detection: {base_ejection_s: .inf}\n"
+    error = load_error(tmp_path, text)
+    assert error.key == "pools[0].outlier_detection.base_ejection_s"
+
+
+def test_more_workers_than_any_machine_has_cores_is_refused(tmp_path: Path) -> None:
+    """A typo like 100000 would start every one of them."""
+    error = load_error(tmp_path, ONE_POOL + "workers: 100000\n")
+    assert error.key == "workers"
+    assert "1024" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("headers: {backend_header: 'x-a\\r\\nx-evil: 1'}\n", "headers.backend_header"),
+        ("headers: {request_id_header: 'x request id'}\n", "headers.request_id_header"),
+        ("headers: {decision_header: 'x:y'}\n", "headers.decision_header"),
+    ],
+)
+def test_a_header_name_that_is_no_http_token_is_refused(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    """Written into every response (or looked for in every request), such a name would inject
+    fields or break the requests forwarded."""
+    error = load_error(tmp_path, ONE_POOL + text)
+    assert error.key == key
+    assert "HTTP token" in error.reason
+
+
+def test_a_route_header_or_method_that_is_no_token_is_refused(tmp_path: Path) -> None:
+    route = "routes:\n  - {pool: chat, headers: {'bad name:': x}}\n"
+    assert "HTTP token" in load_error(tmp_path, ONE_POOL + route).reason
+    route = "routes:\n  - {pool: chat, methods: ['G ET']}\n"
+    error = load_error(tmp_path, ONE_POOL + route)
+    assert error.key.startswith("routes[0].methods")
+    assert "HTTP token" in error.reason
+
+
+def test_a_backend_name_with_a_line_break_is_refused(tmp_path: Path) -> None:
+    """The name is written in the backend header: a line break would inject a field."""
+    text = ONE_POOL.replace(
+        "      - url: http://127.0.0.1:8001\n",
+        '      - url: http://127.0.0.1:8001\n        name: "a\\r\\nx-evil: injected"\n',
+    )
+    error = load_error(tmp_path, text)
+    assert error.key == "pools[0].backends[0].name"
+    assert "control characters" in error.reason
