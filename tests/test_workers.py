@@ -380,7 +380,7 @@ def test_a_bad_workers_flag_is_a_usage_error() -> None:
         capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
     )  # fmt: skip
     assert result.returncode == 2
-    assert 'expected a number or "auto"' in result.stderr
+    assert 'expected a number from 0 to 1024 or "auto"' in result.stderr
 
 
 def test_merged_series_carry_a_worker_label() -> None:
