@@ -39,7 +39,7 @@ from lb.config import Config, ConfigError, admin_token, host_port, load_config
 from lb.downstream import ClientConnection
 from lb.health import HealthChecker
 from lb.load_report import LoadReporter
-from lb.logs import setup_logging
+from lb.logs import reload_level, setup_logging
 from lb.metrics import ProxyCollector, ReloadStats, make_registry
 from lb.mirror import Mirrors
 from lb.models_endpoint import ModelsEndpoint
@@ -55,9 +55,11 @@ GC_GEN0_THRESHOLD = 20_000
 
 def check_listeners_unchanged(old: Config, new: Config, source: str) -> None:
     """Listeners cannot move on reload: raises :class:`ConfigError` if they would."""
-    for key in ("listen", "admin"):
-        if getattr(old, key) != getattr(new, key):
-            raise ConfigError(source, key, "listeners cannot change on reload; restart instead")
+    if old.listen != new.listen:
+        raise ConfigError(source, "listen", "listeners cannot change on reload; restart instead")
+    # The admin token is read at each call: a new one applies, the listener stays as it is.
+    if old.admin.model_copy(update={"token": None}) != new.admin.model_copy(update={"token": None}):
+        raise ConfigError(source, "admin", "listeners cannot change on reload; restart instead")
 
 
 async def _bind_named(key: str, host: str, port: int, binding: Awaitable[None]) -> None:
@@ -246,6 +248,15 @@ class App:
         old_pools, old_checkers = proxy.pools, self.health_checkers
         old_reporters = self.load_reporters
         proxy.swap(router, pools)
+        upstream = config.upstream
+        for pool in pools.values():
+            for connections in pool.upstreams.values():  # kept ones too: the new bounds apply
+                connections.resize(upstream.max_idle_per_backend, upstream.idle_timeout_s)
+        reload_level(config.log_level)
+        if config.log_format != self.config.log_format:
+            log.warning(
+                "log_format changes on restart; the running proxy keeps %s", self.config.log_format
+            )
         proxy.settings = forwarding_settings(config)
         self._install_inference_features(config)
         proxy.access_log.enabled = config.access_log.enabled
@@ -395,12 +406,15 @@ async def serve(config: Config, source: str, link: WorkerLink | None = None) -> 
     return 0
 
 
-def run(config: Config, source: str, link: WorkerLink | None = None) -> int:
+def run(
+    config: Config, source: str, link: WorkerLink | None = None, *, level_pinned: bool = False
+) -> int:
     """Entry point used by the CLI: the event loop is uvloop's when it is installed.
 
-    ``link`` makes this process one worker of several (see :mod:`lb.workers`).
+    ``link`` makes this process one worker of several (see :mod:`lb.workers`);
+    ``level_pinned``: the command line set the log level, which reloads then keep.
     """
-    setup_logging(config.log_level, config.log_format)
+    setup_logging(config.log_level, config.log_format, pinned=level_pinned)
     if link is not None:
         tag_log_lines(link.index, config.log_format)
     try:

@@ -134,7 +134,9 @@ def _run(config: Config, config_path: str, args: argparse.Namespace) -> int:
             from lb import app
             from lb.worker_link import WorkerLink
 
-            return app.run(config, config_path, WorkerLink(index, fd))
+            return app.run(
+                config, config_path, WorkerLink(index, fd), level_pinned=log_level is not None
+            )
         from lb.workers import supervise, worker_count
 
         count = worker_count(getattr(args, "workers", config.workers))
@@ -142,7 +144,7 @@ def _run(config: Config, config_path: str, args: argparse.Namespace) -> int:
             return supervise(config, config_path, count, log_level)
         from lb import app
 
-        return app.run(config, config_path)
+        return app.run(config, config_path, level_pinned=log_level is not None)
     except KeyboardInterrupt:
         return 130
 

@@ -62,8 +62,21 @@ def quiet_client_errors() -> None:
         logger.addFilter(_ClientErrorsAtDebug())
 
 
-def setup_logging(level: str, fmt: str = "json") -> None:
-    """Send log records at ``level`` and above to standard error, as JSON or text."""
+# Set when the command line chose the level: it outranks the file's log_level on reload.
+_level_pinned = False
+
+
+def reload_level(level: str) -> None:
+    """A reloaded file's ``log_level``, unless the command line set the level."""
+    if not _level_pinned:
+        logging.getLogger().setLevel(level.upper())
+
+
+def setup_logging(level: str, fmt: str = "json", *, pinned: bool = False) -> None:
+    """Send log records at ``level`` and above to standard error, as JSON or text;
+    ``pinned``: the level came from the command line, and a reload keeps it."""
+    global _level_pinned
+    _level_pinned = pinned
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

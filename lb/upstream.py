@@ -480,6 +480,15 @@ class ConnectionPool:
         if self._reaper is None:
             self._reaper = loop.call_later(self.idle_timeout_s, self._reap)
 
+    def resize(self, max_idle: int, idle_timeout_s: float) -> None:
+        """A reload's pooling settings: idle connections beyond ``max_idle`` close now, the
+        longest idle first; the new idle timeout applies from the next reaping."""
+        self.max_idle = max_idle
+        self.idle_timeout_s = idle_timeout_s
+        idle = self._idle
+        while len(idle) > max_idle:
+            idle.pop(0).close()
+
     def forget(self, conn: UpstreamConnection) -> None:
         """Drop a connection that closed while pooled."""
         try:

@@ -530,6 +530,54 @@ async def test_a_reload_renaming_the_decision_header_is_obeyed(backends, start_f
             assert "x-lb-decision" not in resp.headers
 
 
+async def test_a_reload_lowering_the_idle_pool_closes_the_connections_beyond_it(
+    backends, start_from_file
+):
+    """upstream.max_idle_per_backend applies to the connection pools a reload keeps, not
+    only to new backends: lowered to 0, the pooled connections close."""
+    (b0,) = await backends(1)
+    config = proxy_config([pool("chat", [b0])])
+    app, path = await start_from_file(config)
+    await _served_by(app, 2)
+    assert app.proxy is not None
+    connections = app.proxy.pools["chat"].upstreams[app.proxy.pools["chat"].backends[0]]
+    assert connections.idle_count >= 1
+    path.write_text(yaml.safe_dump({**config, "upstream": {"max_idle_per_backend": 0}}))
+    assert await app.reload()
+    assert connections.idle_count == 0
+    assert await _served_by(app, 1) == {"b0": 1}  # and nothing is kept after a request
+    assert connections.idle_count == 0
+
+
+async def test_a_reload_changes_the_log_level(backends, start_from_file):
+    (b0,) = await backends(1)
+    config = proxy_config([pool("chat", [b0])])
+    app, path = await start_from_file(config)
+    root = logging.getLogger()
+    before = root.level
+    try:
+        path.write_text(yaml.safe_dump({**config, "log_level": "error"}))
+        assert await app.reload()
+        assert root.level == logging.ERROR
+    finally:
+        root.setLevel(before)
+
+
+async def test_a_reload_may_change_the_admin_token_alone(backends, start_from_file):
+    """The token is no listener setting: a new one applies at once, the old one stops."""
+    (b0,) = await backends(1)
+    config = proxy_config([pool("chat", [b0])])
+    app, path = await start_from_file(config)
+    new_token = "fedcba9876543210"
+    path.write_text(yaml.safe_dump({**config, "admin": {**config["admin"], "token": new_token}}))
+    assert await app.reload()
+    drain = "/api/v1/pools/chat/backends/b0/drain"
+    status, _ = await _post(app, drain, headers=ADMIN_AUTH)
+    assert status == 401
+    status, _ = await _post(app, drain, headers={"Authorization": f"Bearer {new_token}"})
+    assert status == 200
+
+
 async def test_a_reload_lowering_max_header_bytes_holds_on_open_connections(
     backends, start_from_file
 ):
