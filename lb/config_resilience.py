@@ -104,6 +104,14 @@ class OutlierDetection(BaseModel):
         description="Most of the pool ejected at once (at least one backend of two or more).",
     )
 
+    @field_validator("failure_statuses")
+    @classmethod
+    def _check_failure_statuses(cls, value: list[int]) -> list[int]:
+        for item in value:
+            if not 100 <= item <= 599:
+                raise ValueError(f"{item} is not an HTTP status")
+        return value
+
 
 class Retry(BaseModel):
     """When a failed attempt is tried again on another backend."""

@@ -472,3 +472,12 @@ def test_a_backend_name_with_a_line_break_is_refused(tmp_path: Path) -> None:
     error = load_error(tmp_path, text)
     assert error.key == "pools[0].backends[0].name"
     assert "control characters" in error.reason
+
+
+@pytest.mark.parametrize("status", [999, -1, 99])
+def test_a_failure_status_that_is_no_http_status_is_refused(tmp_path: Path, status: int) -> None:
+    """As retry_on's statuses are: such a status could never count, and was a typo."""
+    text = ONE_POOL + f"    outlier_detection: {{failure_statuses: [500, {status}]}}\n"
+    error = load_error(tmp_path, text)
+    assert error.key == "pools[0].outlier_detection.failure_statuses"
+    assert f"{status} is not an HTTP status" in error.reason
