@@ -48,7 +48,7 @@ def summary(config: Config, source: str) -> str:
             name = (backend.name or "").ljust(width)
             lines.append(f"  {name}  {backend.url}  weight {backend.weight}")
     for i, route in enumerate(config.routes):
-        lines.append(f"route {route_name(route.name, i)}: {_describe(route)} -> {route.pool}")
+        lines.append(f"route {route_name(route.name, i)}: {_describe(route)} -> {_target(route)}")
     if not config.routes:
         lines.append(f"no routes: every request goes to pool {config.pools[0].name}")
     if config.workers != 1:
@@ -60,7 +60,20 @@ def _describe(route: RouteConfig) -> str:
     parts = [",".join(route.methods)] if route.methods else []
     parts.append(route.path_prefix)
     parts.extend(f"{name}={value}" for name, value in route.headers.items())
+    if route.model:
+        parts.append("model=" + ",".join(route.model))
     return " ".join(parts)
+
+
+def _target(route: RouteConfig) -> str:
+    """Where a route sends: its pool, or its split's pools with their weights; its mirror."""
+    if route.split is not None:
+        text = " ".join(f"{t.pool}:{t.weight}" for t in route.split)
+    else:
+        text = str(route.pool)
+    if route.mirror is not None:
+        text += f" (mirror {route.mirror.pool} {route.mirror.percent:g}%)"
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:

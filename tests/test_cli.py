@@ -246,3 +246,25 @@ def test_a_worker_count_out_of_range_is_refused_by_the_command_line(
     result = run_lb(tmp_path, "--workers", count, "check")
     assert result.returncode == 2
     assert "expected a number from 0 to 1024" in result.stderr
+
+
+def test_check_describes_split_mirror_and_model_routes(tmp_path: Path) -> None:
+    """Every route's summary says where it sends: a split's pools and weights, a mirror, the
+    models it matches (not "None", not a catch-all)."""
+    pools = (
+        "pools:\n"
+        "  - {name: a, backends: [{url: 'http://127.0.0.1:8001'}]}\n"
+        "  - {name: b, backends: [{url: 'http://127.0.0.1:8002'}]}\n"
+    )
+    routes = (
+        "routes:\n"
+        "  - path_prefix: /v1\n"
+        "    split: [{pool: a, weight: 90}, {pool: b, weight: 10}]\n"
+        "    mirror: {pool: b, percent: 5}\n"
+        "  - {model: llama, pool: b}\n"
+    )
+    (tmp_path / "config.yaml").write_text(pools + routes, encoding="utf-8")
+    result = run_lb(tmp_path, "check")
+    assert result.returncode == 0, result.stderr
+    assert "route route-0: /v1 -> a:90 b:10 (mirror b 5%)\n" in result.stdout
+    assert "route route-1: / model=llama -> b\n" in result.stdout
