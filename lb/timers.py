@@ -155,6 +155,12 @@ class TimerWheel:
                     deadline.expire(tick)
                 except Exception:  # one owner's bug must not stop the others' deadlines
                     log.exception("a deadline's callback failed")
+        self._rearm()
+
+    def _rearm(self) -> None:
+        # Apart from _fire: there the type checker (and the compiled build, which trusts it)
+        # takes _handle for the None assigned on entry, though a callback may have armed it.
+        ticks = self._ticks
         if ticks and (self._handle is None or ticks[0] < self._armed):
             self._arm(ticks[0])
 

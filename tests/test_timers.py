@@ -235,6 +235,28 @@ async def test_a_deadline_moved_by_a_callback_of_its_own_tick_keeps_its_new_time
     assert len(fired) == 1
 
 
+async def test_a_callback_arming_a_later_tick_leaves_the_earlier_ones_on_time() -> None:
+    """A fires first and arms B far later; C, due between them, must still fire at its own
+    tick, not wait for B's (the wheel re-arms for the earliest tick after its callbacks)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        wheel = TimerWheel(loop)
+        calls = Calls(loop)
+        start = loop.time()
+        late = WheelDeadline(wheel, calls)
+        WheelDeadline(wheel, lambda: late.set(start + 0.5)).set(start + 0.02)
+        WheelDeadline(wheel, calls).set(start + 0.06)
+        await asyncio.sleep(0.2)
+        assert len(calls.at) == 1  # C, long before B's 0.5 s
+        assert errors == []
+        late.close()
+    finally:
+        loop.set_exception_handler(previous)
+
+
 async def test_a_due_time_a_rounding_error_past_its_tick_fires_with_that_tick(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
