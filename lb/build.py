@@ -201,6 +201,7 @@ def listener_limits(config: Config) -> ListenerLimits:
         max_body_bytes=lim.max_body_bytes,
         header_timeout_s=lim.header_timeout_s,
         keepalive_timeout_s=lim.keepalive_timeout_s,
+        body_timeout_s=lim.body_timeout_s,
         replay_bytes=replay_bytes(config),
         max_connections=lim.max_connections,
         max_inspect_bytes=lim.max_inspect_bytes,

@@ -130,6 +130,12 @@ class Limits(BaseModel):
     keepalive_timeout_s: float = Field(
         default=75.0, gt=0, description="Seconds an idle client connection is kept open."
     )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest gap between two reads of a request body (nginx's "
+        "client_body_timeout); 408 after it.",
+    )
     max_connections: int = Field(
         default=10000, ge=1, description="Most client connections open at once."
     )

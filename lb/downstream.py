@@ -34,7 +34,7 @@ from lb.errors import (
 )
 from lb.http1 import needs_normalizing, normalize_target, status_line
 from lb.request import IncomingRequest, ListenerLimits
-from lb.timers import TimerWheel, WheelDeadline
+from lb.timers import SLACK_S, TimerWheel, WheelDeadline
 from lb.tunnel import TUNNEL_HOLD_BYTES, TunnelPeer, websocket_upgrade
 
 TASK_NAME: Final = "lb-connection"
@@ -114,11 +114,12 @@ class ClientConnection(asyncio.Protocol):
         self._serving = False  # the task has taken its first step
         self._waiter: asyncio.Future[None] | None = None  # the task waits here for the next one
         # One deadline for the header timeout and the keep-alive idle timeout (never both).
-        self._deadline = WheelDeadline(handler.timers, self._on_header_timeout)
+        self._deadline = WheelDeadline(handler.timers, self._on_deadline)
         self._pause = 0
         self._header_bytes = 0
         self._head_raw_bytes = 0
         self._headers_done = False
+        self._body_timed = False  # the deadline times the gaps in the body being read
         # Bytes of reads that carried no body byte since the head (chunk lines, trailers):
         # bounded like the head, since llhttp also holds an unfinished line there.
         self._framing_raw_bytes = 0
@@ -177,17 +178,23 @@ class ClientConnection(asyncio.Protocol):
                         # A head begun in this read and unfinished: it has header_timeout_s
                         # from now. (One that ends in the read it began in never waits.)
                         self._deadline.set_in(self.limits.header_timeout_s)
-                elif self._body_seen:
-                    self._framing_raw_bytes = 0
                 else:
-                    self._framing_raw_bytes += len(data)
-                    if self._framing_raw_bytes > self.limits.max_header_bytes:
-                        self._fail(
-                            HeadersTooLarge(
-                                "a chunk line or the trailers exceed "
-                                f"{self.limits.max_header_bytes} bytes"
+                    if not self._body_timed:
+                        # A body that did not come whole with its head: the gaps between its
+                        # reads are timed (one deadline, moved only when it fires).
+                        self._body_timed = True
+                        self._deadline.set_in(self.limits.body_timeout_s)
+                    if self._body_seen:
+                        self._framing_raw_bytes = 0
+                    else:
+                        self._framing_raw_bytes += len(data)
+                        if self._framing_raw_bytes > self.limits.max_header_bytes:
+                            self._fail(
+                                HeadersTooLarge(
+                                    "a chunk line or the trailers exceed "
+                                    f"{self.limits.max_header_bytes} bytes"
+                                )
                             )
-                        )
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             last = self._last_parsed
@@ -256,6 +263,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_raw_bytes = 0
         self._framing_raw_bytes = 0
         self._headers_done = False
+        self._body_timed = False
 
     def on_url(self, url: bytes) -> None:
         self._count_header_bytes(len(url))
@@ -676,11 +684,32 @@ class ClientConnection(asyncio.Protocol):
                 self._queue.remove(bad)  # its body was the bad input
             self._deferred_error = err
 
-    def _on_header_timeout(self) -> None:
-        """The head being read took too long (408), or an idle keep-alive connection expired."""
-        if self._current is None and self._parsing is not None:
+    def _on_deadline(self) -> None:
+        """The head being read took too long (408), an idle keep-alive connection expired, or
+        a body being read went quiet for body_timeout_s (408)."""
+        req = self._parsing
+        if req is not None and self._headers_done:
+            self._check_body_pace(req)
+            return
+        if self._current is not None:
+            return  # a request is being answered and none read: nothing to time out
+        if req is not None:
             self.answer_error(None, RequestTimeout("the request headers did not arrive in time"))
         self.close()
+
+    def _check_body_pace(self, req: IncomingRequest) -> None:
+        timeout_s = self.limits.body_timeout_s
+        quiet_s = time.monotonic() - req.body.fed_at_s
+        if self._pause:
+            # The proxy stopped reading (the backend is slow to take the body, or the client
+            # does not read its answer): a quiet body is not the client's doing now.
+            self._deadline.set_in(timeout_s)
+        elif quiet_s < timeout_s - SLACK_S:
+            self._deadline.set_in(timeout_s - quiet_s)
+        else:
+            self._fail(
+                RequestTimeout(f"the request body stopped: no byte of it for {quiet_s:.1f}s")
+            )
 
     def _hold_body(self, holding: bool) -> None:
         if holding:

@@ -32,8 +32,6 @@ from lb.retry import parse_retry_after
 from lb.timers import SLACK_S
 from lb.upstream import FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
-# A body with no byte for this long (or the whole timeout, if shorter) has stalled.
-STALL_QUIET_S: Final = 5.0
 # The longest wait (or idle_s, if shorter) for the rest of an answer that will be retried:
 # reading it only keeps the connection for reuse.
 DISCARD_WAIT_S: Final = 1.0
@@ -362,12 +360,15 @@ class Exchange:
     def on_deadline(self) -> None:
         """No response head within the headers timeout, or a gap longer than the idle one."""
         if not self.status:
-            stalled = self._client_stalled()
+            waiting = self._backend_waits_for_body()
             self.conn.abort()
-            if stalled:
+            if waiting:
                 quiet_s = time.monotonic() - self.req.body.fed_at_s
                 self._resolve(
-                    RequestTimeout(f"the request body stopped: no byte of it for {quiet_s:.1f}s")
+                    RequestTimeout(
+                        f"the request body was still unfinished after {self._headers_timeout_s:g}s"
+                        f" (its last byte came {quiet_s:.1f}s ago)"
+                    )
                 )
                 return
             self._resolve(
@@ -388,6 +389,13 @@ class Exchange:
             if self.loop.time() + SLACK_S < due:
                 self.conn.deadline.set(due)  # bytes came since it was armed: not idle yet
                 return
+        if self.client.write_paused and not self._tunnel:
+            # The client reads nothing, so the backend is not read either: its silence is
+            # the client's doing, and no failure of the backend's.
+            self.flush()
+            self.conn.abort()
+            self._resolve(RequestTimeout(f"the client read nothing for {self._idle_s:g}s"))
+            return
         if self._tunnel:
             # A tunnel idle both ways for idle_s ends; both sides are closed, no error event.
             self._ended = True
@@ -403,20 +411,16 @@ class Exchange:
         self._end_stream_with_error(error)
         self._resolve(error)
 
-    def _client_stalled(self) -> bool:
-        """True if the body is unfinished, the backend has every byte of it the client sent,
-        and none came for a while (the timeout, at most 5 s): the backend waits for the
-        client, so a missing answer is not the backend's failure. A client still sending, to a
-        backend that hangs, is not stalled."""
-        body = self.req.body
+    def _backend_waits_for_body(self) -> bool:
+        """True if the body is unfinished and the backend has every byte of it the client
+        sent: the backend may well be waiting for the rest, so a missing answer is the slow
+        client's doing, not the backend's failure (clients dribbling their uploads must not
+        get healthy backends ejected). A backend that stopped reading is judged."""
         transport = self.conn.transport
-        quiet_s = min(self._headers_timeout_s or STALL_QUIET_S, STALL_QUIET_S)
         return (
-            not body.complete
+            not self.req.body.complete
             and transport is not None
             and not transport.get_write_buffer_size()
-            # (1% less: the loop's timers have millisecond resolution and may fire that early)
-            and time.monotonic() - body.fed_at_s >= quiet_s * 0.99
         )
 
     def _resolve(self, result: ProxyError | None) -> None:

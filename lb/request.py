@@ -23,6 +23,7 @@ class ListenerLimits:
     max_body_bytes: int = 32 << 20
     header_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    body_timeout_s: float = 60.0
     replay_bytes: int = 1 << 20
     max_connections: int = 10000
     max_inspect_bytes: int = 8 << 20

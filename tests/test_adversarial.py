@@ -1096,11 +1096,12 @@ async def test_a_stalled_request_body_gets_408_and_counts_nothing_against_the_ba
     assert all(b.ejected_until_s == 0.0 for b in proxy_of(app).pools["p"].backends)
 
 
-async def test_a_client_still_sending_to_a_hanging_backend_gets_504_not_408(
+async def test_a_client_still_sending_when_the_backend_times_out_is_the_one_timed_out(
     raw_backend: Callable[[Behaviour], Awaitable[RawBackend]], start_proxy: StartProxy
 ) -> None:
-    """A body that keeps coming, a byte now and then, to a backend that never answers: the
-    timeout is the backend's (504), not the client's."""
+    """A body that keeps coming, a byte now and then, to a backend that reads it all and
+    answers nothing: the backend may be waiting for the rest, so the client gets the 408 and
+    the backend is not judged (dribbling uploads must not get healthy backends ejected)."""
 
     async def behave(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
@@ -1109,8 +1110,127 @@ async def test_a_client_still_sending_to_a_hanging_backend_gets_504_not_408(
         await read_all(reader, backend)  # reads what comes, answers nothing
 
     backend = await raw_backend(behave)
-    extra: dict[str, Any] = {"timeouts": {"response_headers_s": 0.5}}
+    extra: dict[str, Any] = {
+        "timeouts": {"response_headers_s": 0.5},
+        "outlier_detection": {"consecutive_failures": 1},
+    }
     app = await start_proxy(proxy_config([raw_pool(backend, **extra)]))
     head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
     raw = await exchange(app.port, head, *[b"x"] * 20)  # a byte every 50 ms
+    assert_json_error(parse_responses(raw)[0], 408, "request_timeout")
+    (judged,) = proxy_of(app).pools["p"].backends
+    assert judged.ejected_until_s == 0.0 and judged.failures_total == 0
+
+
+async def test_a_backend_that_stops_reading_the_body_is_the_one_timed_out(
+    raw_backend: Callable[[Behaviour], Awaitable[RawBackend]], start_proxy: StartProxy
+) -> None:
+    """The client sends a body faster than the backend reads it (the backend read only the
+    head): the bytes pile up in front of the backend, and its timeout is its own (504)."""
+
+    async def behave(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        await read_head(reader, backend)
+        await asyncio.sleep(READ_TIMEOUT_S)  # reads nothing more
+
+    backend = await raw_backend(behave)
+    size = 32 << 20  # more than the loopback socket buffers hold
+    extra: dict[str, Any] = {"timeouts": {"response_headers_s": 0.5}}
+    app = await start_proxy(proxy_config([raw_pool(backend, **extra)]))
+    head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        writer.write(head)
+        sender = asyncio.create_task(_send_zeros(writer, size))
+        raw = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT_S)
+        sender.cancel()
+    finally:
+        writer.close()
     assert_json_error(parse_responses(raw)[0], 504, "timeout")
+
+
+async def _send_zeros(writer: asyncio.StreamWriter, size: int) -> None:
+    piece = bytes(1 << 20)
+    for _ in range(size >> 20):
+        writer.write(piece)
+        await writer.drain()
+
+
+@pytest.mark.parametrize("route", ["plain", "model"])
+async def test_a_body_that_stops_coming_gets_408_after_body_timeout_s(
+    backends: StartBackends, start_proxy: StartProxy, route: str
+) -> None:
+    """Head and part of the body, then nothing: after limits.body_timeout_s the client gets
+    a 408 and the connection closes, whether the body was being forwarded or read whole for
+    routing (a model route), and however long the backend's own timeouts are."""
+    (backend,) = await backends(1)
+    config = proxy_config([pool("p", [backend], timeouts={"response_headers_s": 60})])
+    config["limits"] = {"body_timeout_s": 0.3}
+    if route == "model":
+        config["routes"] = [{"pool": "p", "model": "m1"}, {"pool": "p"}]
+    app = await start_proxy(config)
+    stalled = b'POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{"model": '
+    async with asyncio.timeout(3):
+        raw = await exchange(app.port, stalled, responses=2)
+    assert_json_error(parse_responses(raw)[0], 408, "request_timeout")
+    assert b"request body stopped" in raw
+    proxy = proxy_of(app)
+    for _ in range(40):  # bounded: 2 s
+        if not proxy.connections and not proxy.active_requests:
+            break
+        await asyncio.sleep(0.05)
+    assert not proxy.connections and not proxy.active_requests
+
+
+async def test_a_body_sent_slowly_but_steadily_is_not_timed_out(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """body_timeout_s bounds the gaps, not the whole upload: a byte every 0.1 s with a
+    0.3 s timeout gets through."""
+    (backend,) = await backends(1)
+    config = proxy_config([pool("p", [backend])])
+    config["limits"] = {"body_timeout_s": 0.3}
+    app = await start_proxy(config)
+    head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\nConnection: close\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        writer.write(head)
+        for _ in range(8):
+            await asyncio.sleep(0.1)
+            writer.write(b"x")
+        raw = await asyncio.wait_for(reader.read(), READ_TIMEOUT_S)
+    finally:
+        writer.close()
+    (response,) = parse_responses(raw)
+    assert response.status == 200
+    assert json.loads(response.body)["body_len"] == 8
+
+
+async def test_a_client_that_reads_nothing_is_not_the_backends_failure(
+    raw_backend: Callable[[Behaviour], Awaitable[RawBackend]], start_proxy: StartProxy
+) -> None:
+    """The client stops reading a large answer: the proxy stops reading the backend, and
+    when idle_s ends the stream it is not counted against the backend."""
+    size = 32 << 20
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + bytes(size)
+    backend = await raw_backend(answers(answer, then="stall"))
+    extra: dict[str, Any] = {
+        "timeouts": {"response_headers_s": 5, "idle_s": 0.3},
+        "outlier_detection": {"consecutive_failures": 1},
+    }
+    app = await start_proxy(proxy_config([raw_pool(backend, **extra)]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        writer.write(GET)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+        proxy = proxy_of(app)
+        for _ in range(60):  # bounded: 3 s; the stream ends 0.3 s after the buffers fill
+            if not proxy.active_requests:
+                break
+            await asyncio.sleep(0.05)
+        assert not proxy.active_requests
+    finally:
+        writer.close()
+    (judged,) = proxy_of(app).pools["p"].backends
+    assert judged.ejected_until_s == 0.0 and judged.failures_total == 0
