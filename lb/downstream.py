@@ -171,10 +171,14 @@ class ClientConnection(asyncio.Protocol):
                 # a never-ending line: count what arrived while the head is still unfinished,
                 # and after it, reads without a body byte (a chunk line, trailers).
                 if not self._headers_done:
-                    self._head_raw_bytes += len(data)
+                    began_here = self._head_raw_bytes == 0  # on_message_begin ran in this read
+                    # A head begun in this read owns only its tail, after any requests before
+                    # it (pipelined): its parsed pieces stand for it; the unfinished line llhttp
+                    # holds is counted with the reads that follow, which are all the head's.
+                    self._head_raw_bytes += self._header_bytes + 1 if began_here else len(data)
                     if self._head_raw_bytes > self.limits.max_header_bytes:
                         self._fail(self._header_limit_error())
-                    elif self._head_raw_bytes == len(data) and self._current is None:
+                    elif began_here and self._current is None:
                         # A head begun in this read and unfinished: it has header_timeout_s
                         # from now. (One that ends in the read it began in never waits.)
                         self._deadline.set_in(self.limits.header_timeout_s)

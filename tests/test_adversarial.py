@@ -352,6 +352,30 @@ async def test_two_hundred_pipelined_requests_in_one_send_are_answered_in_order(
     assert backend.hits == 201
 
 
+async def test_pipelined_requests_far_beyond_the_head_limit_in_all_are_each_one_head(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """2,000 small requests in one send (320 KB, five times max_header_bytes): the limit is
+    each head's, not the read's, so none gets a 431 however the bytes split into reads."""
+    (backend,) = await backends(1)
+    config = proxy_config([pool("p", [backend])])
+    config["limits"] = {"max_header_bytes": 65536}
+    app = await start_proxy(config)
+    one = b"GET /n HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * 120 + b"\r\n\r\n"
+    count = 2000
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        writer.write(one * (count - 1) + one.replace(b"Host: t", b"Host: t\r\nConnection: close"))
+        out = b""
+        async with asyncio.timeout(30):
+            while data := await reader.read(1 << 16):
+                out += data
+    finally:
+        writer.close()
+    statuses = [r.status for r in parse_responses(out)]
+    assert statuses == [200] * count
+
+
 async def test_a_malformed_request_behind_a_good_one_lets_the_good_one_finish(
     backends: StartBackends, start_proxy: StartProxy
 ) -> None:
