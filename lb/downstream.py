@@ -165,6 +165,7 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self._body_seen = False
+            last = self._last_parsed
             self._parser.feed_data(data)
             if self._parsing is not None:
                 # llhttp buffers a header line until it ends, so callbacks alone cannot bound
@@ -172,10 +173,13 @@ class ClientConnection(asyncio.Protocol):
                 # and after it, reads without a body byte (a chunk line, trailers).
                 if not self._headers_done:
                     began_here = self._head_raw_bytes == 0  # on_message_begin ran in this read
-                    # A head begun in this read owns only its tail, after any requests before
-                    # it (pipelined): its parsed pieces stand for it; the unfinished line llhttp
-                    # holds is counted with the reads that follow, which are all the head's.
-                    self._head_raw_bytes += self._header_bytes + 1 if began_here else len(data)
+                    if began_here and self._last_parsed is not last:
+                        # Begun behind requests this read completed (pipelined), the head owns
+                        # only the read's tail: its parsed pieces stand for it, and the line
+                        # llhttp holds unfinished is counted with the reads that follow.
+                        self._head_raw_bytes = self._header_bytes + 1
+                    else:
+                        self._head_raw_bytes += len(data)
                     if self._head_raw_bytes > self.limits.max_header_bytes:
                         self._fail(self._header_limit_error())
                     elif began_here and self._current is None:
