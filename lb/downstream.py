@@ -262,6 +262,18 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         if self.upstream is not None:
             self.upstream.resume_reading()
+        elif self._current is None and self._queue and not self.closed:
+            self._start_queued()  # held back by pause_writing in _next_request
+
+    def _start_queued(self) -> None:
+        """Start the next pipelined request; once none is left, read what is held behind."""
+        self._start(self._queue.popleft())
+        if not self._queue and self._deferred_error is None:
+            self._resume_reading(PAUSE_PIPELINE)
+            held = bytes(self._pipeline_held)
+            self._pipeline_held.clear()
+            if held:
+                self.data_received(held)
 
     # -- llhttp callbacks -------------------------------------------------------------------
 
@@ -565,14 +577,13 @@ class ClientConnection(asyncio.Protocol):
         if self._pause:
             self._resume_reading(PAUSE_BODY_HELD | PAUSE_UPSTREAM)
         if self._queue:
-            nxt = self._queue.popleft()
-            self._start(nxt)
-            if not self._queue and self._deferred_error is None:
-                self._resume_reading(PAUSE_PIPELINE)
-                held = bytes(self._pipeline_held)
-                self._pipeline_held.clear()
-                if held:
-                    self.data_received(held)
+            if not self.write_paused:
+                self._start_queued()
+            else:
+                # The client is not reading its answers: resume_writing starts the next one
+                # (answers the proxy makes itself would otherwise pile up without bound), and
+                # a client that reads nothing for keepalive_timeout_s is closed.
+                self._deadline.set_in(self.limits.keepalive_timeout_s)
         elif self._deferred_error is not None:
             self.answer_error(None, self._deferred_error)
             self._deferred_error = None

@@ -376,6 +376,43 @@ async def test_pipelined_requests_far_beyond_the_head_limit_in_all_are_each_one_
     assert statuses == [200] * count
 
 
+async def test_answers_the_proxy_makes_wait_for_a_client_that_reads_none_of_them(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """Thousands of pipelined requests the proxy answers itself (GET /v1/models), their
+    answers never read: the proxy stops answering once the client's socket is full instead
+    of piling answers up in memory, and answers them all when the client reads."""
+    (backend,) = await backends(1)
+    config = proxy_config([pool("p", [backend], models=[f"model-{i}" for i in range(8)])])
+    app = await start_proxy(config)
+    count = 20_000  # about 10 MB of answers
+    request = b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        sending = asyncio.create_task(_send_all(writer, request * (count - 1)))
+        await asyncio.sleep(0.5)
+        (conn,) = proxy_of(app).connections
+        assert conn.transport.get_write_buffer_size() < 1 << 20
+        received = 0
+        tail = b""
+        async with asyncio.timeout(30):
+            while received < count - 1:
+                data = await reader.read(1 << 16)
+                assert data
+                seen = tail + data  # a status line may straddle two reads
+                received += seen.count(b"HTTP/1.1 200 ")
+                tail = seen[-12:]  # shorter than the line: never counted twice
+        await sending
+    finally:
+        writer.close()
+    assert received == count - 1
+
+
+async def _send_all(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(data)
+    await writer.drain()
+
+
 async def test_a_malformed_request_behind_a_good_one_lets_the_good_one_finish(
     backends: StartBackends, start_proxy: StartProxy
 ) -> None:
