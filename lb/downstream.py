@@ -44,7 +44,7 @@ TASK_NAME: Final = "lb-connection"
 _HOST: Final = re.compile(rb"(?:\[[0-9A-Za-z:.%_~\-]+\]|[0-9A-Za-z\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
 # Host values found valid, so that each is matched once (a regex match costs about 3% of a
-# request), not on every request; bounded, since clients choose them.
+# request), not on every request; bounded, since clients choose them: emptied when full.
 _VALID_HOSTS: Final[set[bytes]] = set()
 MAX_VALID_HOSTS: Final = 1024
 
@@ -52,8 +52,9 @@ MAX_VALID_HOSTS: Final = 1024
 def _valid_host(host: bytes) -> bool:
     if _HOST.fullmatch(host) is None:
         return False
-    if len(_VALID_HOSTS) < MAX_VALID_HOSTS:
-        _VALID_HOSTS.add(host)
+    if len(_VALID_HOSTS) >= MAX_VALID_HOSTS:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(host)
     return True
 
 
@@ -175,8 +176,9 @@ class ClientConnection(asyncio.Protocol):
                     began_here = self._head_raw_bytes == 0  # on_message_begin ran in this read
                     if began_here and self._last_parsed is not last:
                         # Begun behind requests this read completed (pipelined), the head owns
-                        # only the read's tail: its parsed pieces stand for it, and the line
-                        # llhttp holds unfinished is counted with the reads that follow.
+                        # only the read's tail: its parsed pieces stand for it. The part of an
+                        # unfinished line in this read goes uncounted (a head may pass the
+                        # limit by up to one read before its 431); the reads that follow count.
                         self._head_raw_bytes = self._header_bytes + 1
                     else:
                         self._head_raw_bytes += len(data)
@@ -443,11 +445,15 @@ class ClientConnection(asyncio.Protocol):
             on_hold=self._hold_body,
             complete=not has_body,
         )
-        if self._current is None:
+        if self._current is None and not self.write_paused:
             self._deadline.set(None)
             self._start(req)
         else:
+            # Behind the request being answered, or behind answers the client has not read:
+            # resume_writing starts it then (see _next_request).
             self._queue.append(req)
+            if self._current is None:
+                self._deadline.set_in(self.limits.keepalive_timeout_s)
 
     def on_body(self, data: bytes) -> None:
         req = self._parsing
@@ -712,6 +718,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._current is not None:
             return  # a request is being answered and none read: nothing to time out
+        if self._queue or self.write_paused:
+            # Answers wait for a client that reads none of them: it is cut off without a
+            # word (a 408 now would be read as a queued request's answer), and at once, since
+            # a close would first wait for the full buffer to drain.
+            self.abort()
+            return
         if req is not None:
             self.answer_error(None, RequestTimeout("the request headers did not arrive in time"))
         self.close()
@@ -719,9 +731,10 @@ class ClientConnection(asyncio.Protocol):
     def _check_body_pace(self, req: IncomingRequest) -> None:
         timeout_s = self.limits.body_timeout_s
         quiet_s = time.monotonic() - req.body.fed_at_s
-        if self._pause:
+        if self._pause or req is not self._current:
             # The proxy stopped reading (the backend is slow to take the body, or the client
-            # does not read its answer): a quiet body is not the client's doing now.
+            # does not read its answer), or the body is a queued request's, held unparsed
+            # behind the one answered: a quiet body is not the client's doing now.
             self._deadline.set_in(timeout_s)
         elif quiet_s < timeout_s - SLACK_S:
             self._deadline.set_in(timeout_s - quiet_s)

@@ -122,10 +122,11 @@ class Exchange:
         client.upstream = conn
         data = head + req.body.attach(conn)
         conn.begin(self, req.body, req.method == b"HEAD", data, upgrade=req.upgrade is not None)
-        self._sent_s = self.loop.time()
         if client.write_paused:
             conn.pause_reading()
-        conn.deadline.set_in(self._headers_timeout_s)
+        self._sent_s = now = self.loop.time()
+        timeout_s = self._headers_timeout_s
+        conn.deadline.set(None if timeout_s is None else now + timeout_s)
 
     def close(self) -> None:
         """End the attempt whatever state it is in; the connection is cut if it is unfinished."""

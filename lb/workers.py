@@ -56,7 +56,7 @@ from lb.build import build_pools
 from lb.config import Config, ConfigError, admin_token, host_port, load_config
 from lb.health import HealthChecker
 from lb.load_report import LoadReporter
-from lb.logs import setup_logging
+from lb.logs import reload_level, setup_logging
 from lb.worker_admin import Member, Overrides, make_fleet_admin_app
 
 if TYPE_CHECKING:
@@ -180,6 +180,7 @@ class Supervisor:
         if config is None:
             return False
         self.accepted(config)
+        reload_level(config.log_level)
         log.info("config %s valid: reload sent to the workers", self.source)
         return True
 
@@ -406,7 +407,7 @@ def supervise(config: Config, source: str, count: int, log_level: str | None = N
 
     ``log_level`` (the command line's override, if any) is passed on to the workers.
     """
-    setup_logging(config.log_level, config.log_format)
+    setup_logging(config.log_level, config.log_format, pinned=log_level is not None)
     import uvloop
 
     return int(uvloop.run(supervise_async(config, source, count, log_level)))

@@ -408,6 +408,36 @@ async def test_answers_the_proxy_makes_wait_for_a_client_that_reads_none_of_them
     assert received == count - 1
 
 
+async def test_requests_sent_one_by_one_also_wait_for_a_client_that_reads_nothing(
+    backends: StartBackends, start_proxy: StartProxy
+) -> None:
+    """Each request in a read of its own, nothing running when it comes: still, once the
+    client's socket is full, the proxy answers no more until the client reads."""
+    (backend,) = await backends(1)
+    models = [f"model-with-a-rather-long-name-{i}" for i in range(64)]
+    app = await start_proxy(proxy_config([pool("p", [backend], models=models)]))
+    count = 1000  # about 4 MB of answers, more than the loopback buffers hold
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        for _ in range(count):
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")
+            await asyncio.sleep(0.001)  # a read of its own, mostly
+        (conn,) = proxy_of(app).connections
+        assert conn.transport.get_write_buffer_size() < 1 << 20
+        received = 0
+        tail = b""
+        async with asyncio.timeout(30):
+            while received < count:
+                data = await reader.read(1 << 16)
+                assert data
+                seen = tail + data
+                received += seen.count(b"HTTP/1.1 200 ")
+                tail = seen[-12:]
+    finally:
+        writer.close()
+    assert received == count
+
+
 async def _send_all(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(data)
     await writer.drain()
@@ -1197,7 +1227,8 @@ async def test_a_backend_that_stops_reading_the_body_is_the_one_timed_out(
 
     backend = await raw_backend(behave)
     size = 32 << 20  # more than the loopback socket buffers hold
-    extra: dict[str, Any] = {"timeouts": {"response_headers_s": 0.5}}
+    # Time enough for the body to fill them and pile up in the proxy, on a slow machine too.
+    extra: dict[str, Any] = {"timeouts": {"response_headers_s": 2}}
     app = await start_proxy(proxy_config([raw_pool(backend, **extra)]))
     head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size
     reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
@@ -1247,18 +1278,18 @@ async def test_a_body_that_stops_coming_gets_408_after_body_timeout_s(
 async def test_a_body_sent_slowly_but_steadily_is_not_timed_out(
     backends: StartBackends, start_proxy: StartProxy
 ) -> None:
-    """body_timeout_s bounds the gaps, not the whole upload: a byte every 0.1 s with a
-    0.3 s timeout gets through."""
+    """body_timeout_s bounds the gaps, not the whole upload: a byte every 0.2 s with a 1 s
+    timeout gets through, 1.6 s in all."""
     (backend,) = await backends(1)
     config = proxy_config([pool("p", [backend])])
-    config["limits"] = {"body_timeout_s": 0.3}
+    config["limits"] = {"body_timeout_s": 1.0}
     app = await start_proxy(config)
     head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\nConnection: close\r\n\r\n"
     reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
     try:
         writer.write(head)
         for _ in range(8):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
             writer.write(b"x")
         raw = await asyncio.wait_for(reader.read(), READ_TIMEOUT_S)
     finally:
