@@ -281,8 +281,11 @@ async def get_routes(request: web.Request) -> web.Response:
     routes = [
         {
             "name": route_name(r.name, i),
-            "pool": r.pool,
+            "pool": r.pool,  # null for a split route: "split" names its pools
+            "split": None if r.split is None else [t.model_dump() for t in r.split],
+            "mirror": None if r.mirror is None else r.mirror.model_dump(),
             "path_prefix": r.path_prefix,
+            "model": r.model,
             "headers": r.headers,
             "methods": r.methods,
             "requires_api_key": r.auth is not None,

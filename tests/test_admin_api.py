@@ -279,7 +279,10 @@ async def test_routes_lists_the_routing_table(backends, start_proxy):
             {
                 "name": "route-0",
                 "pool": "chat",
+                "split": None,
+                "mirror": None,
                 "path_prefix": "/v1/",
+                "model": None,
                 "headers": {},
                 "methods": ["POST"],
                 "requires_api_key": True,
@@ -287,7 +290,10 @@ async def test_routes_lists_the_routing_table(backends, start_proxy):
             {
                 "name": "embeddings",
                 "pool": "embed",
+                "split": None,
+                "mirror": None,
                 "path_prefix": "/",
+                "model": None,
                 "headers": {"x-model": "e5"},
                 "methods": None,
                 "requires_api_key": False,
@@ -295,6 +301,28 @@ async def test_routes_lists_the_routing_table(backends, start_proxy):
         ],
         "default_pool": "chat",
     }
+
+
+async def test_routes_lists_a_split_with_its_pools_a_mirror_and_models(backends, start_proxy):
+    """A split route has no one pool: its targets and weights say where it sends; a mirror
+    and a model match are shown too (not a catch-all)."""
+    b0, b1 = await backends(2)
+    routes = [
+        {
+            "path_prefix": "/v1/",
+            "split": [{"pool": "chat", "weight": 90}, {"pool": "embed", "weight": 10}],
+            "mirror": {"pool": "embed", "percent": 5},
+        },
+        {"model": "llama", "pool": "embed"},
+    ]
+    app = await start_proxy(proxy_config([pool("chat", [b0]), pool("embed", [b1])], routes=routes))
+    status, body = await _get(app, "/api/v1/routes")
+    assert status == 200
+    split, by_model = body["routes"]
+    assert split["pool"] is None
+    assert split["split"] == [{"pool": "chat", "weight": 90}, {"pool": "embed", "weight": 10}]
+    assert split["mirror"] == {"pool": "embed", "percent": 5.0}
+    assert by_model["model"] == ["llama"] and by_model["pool"] == "embed"
 
 
 async def test_config_redacts_the_admin_token_and_client_api_keys(backends, start_proxy):
