@@ -10,7 +10,6 @@ from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     WithJsonSchema,
@@ -18,6 +17,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from lb.config_base import ConfigModel
 from lb.config_models import (
     Admin,
     BackendConfig,
@@ -85,16 +85,12 @@ def _format_line(path: str, key: str, reason: str) -> str:
     return f"{path}: {key}: {reason}" if key else f"{path}: {reason}"
 
 
-_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
 # More worker processes than any machine has cores: a typo, which would start them all.
 MAX_WORKERS: Final = 1024
 
 
-class Config(BaseModel):
+class Config(ConfigModel):
     """The whole configuration file."""
-
-    model_config = _Model
 
     listen: Listen = Field(default_factory=Listen, description="Client listener.")
     admin: Admin = Field(default_factory=Admin, description="Admin listener.")
@@ -219,13 +215,18 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
             if name not in pool_names:
                 problems.append((f"routes[{i}].{key}", f"no pool named {name!r} (pools: {known})"))
     for i, pool in enumerate(config.pools):
-        if pool.strategy == "least_loaded" and not pool.load_report.enabled:
-            problems.append(
-                (
-                    f"pools[{i}].load_report.enabled",
-                    "least_loaded needs the backends' reported load: set load_report.enabled",
+        for key, strategy in (
+            ("strategy", pool.strategy),
+            ("shadow_strategy", pool.shadow_strategy),
+        ):
+            if strategy == "least_loaded" and not pool.load_report.enabled:
+                problems.append(
+                    (
+                        f"pools[{i}].load_report.enabled",
+                        f"least_loaded ({key}) needs the backends' reported load: "
+                        "set load_report.enabled",
+                    )
                 )
-            )
     admin, listen = config.admin, config.listen
     if admin.enabled and admin.host not in LOOPBACK_HOSTS and not admin_token(config):
         problems.append(

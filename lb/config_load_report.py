@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+from lb.config_base import ConfigModel
 
 Preset = Literal["vllm", "sglang", "tgi", "triton", "custom"]
 
@@ -20,10 +20,8 @@ Preset = Literal["vllm", "sglang", "tgi", "triton", "custom"]
 _METRIC_NAME = re.compile(r"^[A-Za-z_:][A-Za-z0-9_:]*$")
 
 
-class LoadMetricNames(BaseModel):
+class LoadMetricNames(ConfigModel):
     """Metric names to read; with a preset, a name given here replaces the preset's."""
-
-    model_config = _Model
 
     waiting: str | None = Field(
         default=None, description="Gauge of requests queued in the server, not yet running."
@@ -44,10 +42,8 @@ class LoadMetricNames(BaseModel):
         return value
 
 
-class LoadReport(BaseModel):
+class LoadReport(ConfigModel):
     """Scrape each backend's Prometheus endpoint on an interval for the load it reports."""
-
-    model_config = _Model
 
     enabled: bool = Field(default=False, description="Scrape backends for their reported load.")
     path: str = Field(default="/metrics", description="Path of the Prometheus text endpoint.")

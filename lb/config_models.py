@@ -10,13 +10,12 @@ import ipaddress
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from lb.config_base import ConfigModel
 from lb.config_load_report import LoadReport
 from lb.config_ops import BackendTLS, ClientAuth
 from lb.config_resilience import Admission, HealthCheck, OutlierDetection, Retry
-
-_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _blank_or_control(text: str) -> bool:
@@ -60,19 +59,15 @@ def listen_host(value: str) -> str:
 BindHost = Annotated[str, AfterValidator(listen_host)]
 
 
-class Listen(BaseModel):
+class Listen(ConfigModel):
     """Where the proxy accepts client connections."""
-
-    model_config = _Model
 
     host: BindHost = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
     port: int = Field(default=8080, ge=1, le=65535, description="TCP port to listen on.")
 
 
-class Admin(BaseModel):
+class Admin(ConfigModel):
     """The admin listener: /metrics, /healthz, /readyz."""
-
-    model_config = _Model
 
     host: BindHost = Field(default="127.0.0.1", min_length=1, description="Admin listen address.")
     port: int = Field(default=9901, ge=1, le=65535, description="Admin TCP port.")
@@ -86,10 +81,8 @@ class Admin(BaseModel):
     )
 
 
-class Timeouts(BaseModel):
+class Timeouts(ConfigModel):
     """Upstream timeouts; set globally and optionally overridden per pool."""
-
-    model_config = _Model
 
     connect_s: float = Field(
         default=5.0, gt=0, description="Seconds allowed to open a connection to a backend."
@@ -113,10 +106,8 @@ class Timeouts(BaseModel):
     )
 
 
-class Limits(BaseModel):
+class Limits(ConfigModel):
     """Limits on what clients may send and hold open."""
-
-    model_config = _Model
 
     max_body_bytes: int = Field(
         default=33554432, ge=0, description="Largest request body accepted; 413 beyond."
@@ -146,10 +137,8 @@ class Limits(BaseModel):
     )
 
 
-class Upstream(BaseModel):
+class Upstream(ConfigModel):
     """Pooling of keep-alive connections to backends."""
-
-    model_config = _Model
 
     max_idle_per_backend: int = Field(
         default=128, ge=0, description="Pooled keep-alive connections kept per backend."
@@ -163,10 +152,8 @@ class Upstream(BaseModel):
     )
 
 
-class Headers(BaseModel):
+class Headers(ConfigModel):
     """Headers the proxy adds to requests and responses."""
-
-    model_config = _Model
 
     backend_header: str | None = Field(
         default="x-lb-backend",
@@ -197,10 +184,8 @@ class Headers(BaseModel):
         return http_token(value)
 
 
-class Shutdown(BaseModel):
+class Shutdown(ConfigModel):
     """How the proxy stops: it stops accepting, then lets in-flight requests finish."""
-
-    model_config = _Model
 
     grace_s: float = Field(
         default=30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown."
@@ -222,6 +207,11 @@ def backend_address(url: str) -> tuple[str, str, int]:
         raise ValueError(f"URL has no host (got {url!r})")
     if _blank_or_control(parts.netloc):
         raise ValueError(f"URL host must not contain spaces or control characters (got {url!r})")
+    if all(part.isdigit() for part in parts.hostname.split(".")):
+        try:
+            ipaddress.IPv4Address(parts.hostname)
+        except ValueError:
+            raise ValueError(f"URL host is not an IPv4 address (got {url!r})") from None
     if parts.path not in ("", "/"):
         raise ValueError(
             f"URL must not have a path (got {parts.path!r}); match paths with routes[].path_prefix"
@@ -247,10 +237,8 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class BackendConfig(BaseModel):
+class BackendConfig(ConfigModel):
     """One upstream server of a pool."""
-
-    model_config = _Model
 
     url: str = Field(description="Base URL: http(s)://host[:port], no path, query or fragment.")
     weight: int = Field(default=1, ge=1, le=10000, description="Relative share of traffic.")
@@ -288,10 +276,8 @@ class BackendConfig(BaseModel):
         return None if value is None else header_text(value)  # written in the backend header
 
 
-class PoolConfig(BaseModel):
+class PoolConfig(ConfigModel):
     """A named group of interchangeable backends and the strategy that balances them."""
-
-    model_config = _Model
 
     name: str = Field(
         min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="Pool name."
@@ -342,19 +328,15 @@ class PoolConfig(BaseModel):
     )
 
 
-class SplitTarget(BaseModel):
+class SplitTarget(ConfigModel):
     """One pool of a traffic split and its share."""
-
-    model_config = _Model
 
     pool: str = Field(description="Pool name.")
     weight: int = Field(ge=0, le=10000, description="Relative share of the route's requests.")
 
 
-class Mirror(BaseModel):
+class Mirror(ConfigModel):
     """A shadow pool that gets a copy of a share of a route's requests."""
-
-    model_config = _Model
 
     pool: str = Field(description="The shadow pool; its answers are read and dropped.")
     percent: float = Field(
@@ -362,10 +344,8 @@ class Mirror(BaseModel):
     )
 
 
-class RouteConfig(BaseModel):
+class RouteConfig(ConfigModel):
     """Sends matching requests to a pool; routes are tried in order, first match wins."""
-
-    model_config = _Model
 
     name: str | None = Field(
         default=None,

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+from lb.config_base import ConfigModel
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-class AccessLog(BaseModel):
+class AccessLog(ConfigModel):
     """One structured JSON line per request, on standard output."""
-
-    model_config = _Model
 
     enabled: bool = Field(default=True, description="Write access-log lines.")
     sample_rate: float = Field(
@@ -20,10 +18,8 @@ class AccessLog(BaseModel):
     )
 
 
-class ClientAuth(BaseModel):
+class ClientAuth(ConfigModel):
     """API keys a route requires from clients (``Authorization: Bearer`` or ``api-key``)."""
-
-    model_config = _Model
 
     api_keys: list[str] = Field(
         default_factory=list, description="Accepted keys; use ${VAR} to read them from the env."
@@ -43,10 +39,8 @@ class ClientAuth(BaseModel):
         return value
 
 
-class BackendTLS(BaseModel):
+class BackendTLS(ConfigModel):
     """How the proxy checks ``https://`` backends, and the certificate it shows them."""
-
-    model_config = _Model
 
     ca_file: str | None = Field(
         default=None,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-_Model = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+from lb.config_base import ConfigModel
 
 RetryCondition = Literal["connect_error", "reset", "timeout"]
 
@@ -32,10 +32,8 @@ def parse_status_ranges(items: list[int | str]) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-class HealthCheck(BaseModel):
+class HealthCheck(ConfigModel):
     """Active health checks: each backend probed on an interval, with rise and fall counts."""
-
-    model_config = _Model
 
     enabled: bool = Field(default=True, description="Probe backends actively.")
     type: Literal["http", "tcp"] = Field(
@@ -80,10 +78,8 @@ class HealthCheck(BaseModel):
         return value
 
 
-class OutlierDetection(BaseModel):
+class OutlierDetection(ConfigModel):
     """Passive ejection of backends that fail real traffic."""
-
-    model_config = _Model
 
     enabled: bool = Field(default=True, description="Eject backends on consecutive failures.")
     consecutive_failures: int = Field(
@@ -113,10 +109,8 @@ class OutlierDetection(BaseModel):
         return value
 
 
-class Retry(BaseModel):
+class Retry(ConfigModel):
     """When a failed attempt is tried again on another backend."""
-
-    model_config = _Model
 
     max_retries: int = Field(default=2, ge=0, description="Tries after the first.")
     retry_on: list[RetryCondition | int] = Field(
@@ -159,10 +153,8 @@ class Retry(BaseModel):
         return value
 
 
-class Admission(BaseModel):
+class Admission(ConfigModel):
     """Concurrency limits per backend and the queue in front of a full pool."""
-
-    model_config = _Model
 
     max_concurrency: int | None = Field(
         default=None, ge=1, description="Requests in flight per backend; null means no limit."

@@ -481,3 +481,46 @@ def test_a_failure_status_that_is_no_http_status_is_refused(tmp_path: Path, stat
     error = load_error(tmp_path, text)
     assert error.key == "pools[0].outlier_detection.failure_statuses"
     assert f"{status} is not an HTTP status" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("listen: {port: true}\n", "listen.port"),
+        ("timeouts: {connect_s: false}\n", "timeouts.connect_s"),
+        ("limits: {max_connections: true}\n", "limits.max_connections"),
+    ],
+)
+def test_true_or_false_for_a_number_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    """pydantic would take them for 1 and 0: `port: true` listened on port 1."""
+    error = load_error(tmp_path, ONE_POOL + text)
+    assert error.key == key
+    assert "expected a number, got" in error.reason
+
+
+def test_a_backend_weight_of_true_is_refused(tmp_path: Path) -> None:
+    text = ONE_POOL.replace(
+        "- url: http://127.0.0.1:8001\n", "- {url: 'http://127.0.0.1:8001', weight: true}\n"
+    )
+    error = load_error(tmp_path, text)
+    assert error.key == "pools[0].backends[0].weight"
+
+
+def test_a_boolean_setting_still_takes_true_and_false(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ONE_POOL + "headers: {forwarded: false}\n"))
+    assert config.headers.forwarded is False
+
+
+def test_a_backend_url_with_a_dotted_number_that_is_no_ipv4_address_is_refused(
+    tmp_path: Path,
+) -> None:
+    error = load_error(tmp_path, ONE_POOL.replace("127.0.0.1:8001", "999.1.1.1:8001"))
+    assert error.key == "pools[0].backends[0].url"
+    assert "not an IPv4 address" in error.reason
+
+
+def test_a_least_loaded_shadow_strategy_needs_load_reports(tmp_path: Path) -> None:
+    """As the strategy itself does: without reports it would rank every backend alike."""
+    error = load_error(tmp_path, ONE_POOL + "    shadow_strategy: least_loaded\n")
+    assert error.key == "pools[0].load_report.enabled"
+    assert "shadow_strategy" in error.reason
