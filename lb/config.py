@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import types
 from collections.abc import Sequence
-from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Final, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -17,7 +16,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from lb.config_base import ConfigModel
+from lb.config_base import ConfigModel, strip_optional
 from lb.config_models import (
     Admin,
     BackendConfig,
@@ -287,7 +286,7 @@ def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
     """The model class found at ``loc`` inside :class:`Config`, if any."""
     annotation: Any = Config
     for part in loc:
-        annotation = _strip_optional(annotation)
+        annotation = strip_optional(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             field = annotation.model_fields.get(str(part))
             if field is None:
@@ -297,18 +296,10 @@ def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
             annotation = get_args(annotation)[0]
         else:
             return None
-    annotation = _strip_optional(annotation)
+    annotation = strip_optional(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None
-
-
-def _strip_optional(annotation: Any) -> Any:
-    if get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
 
 
 _YAML_TYPE_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}

@@ -9,11 +9,18 @@ from typing import Any, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
-def _wants_number_not_bool(annotation: Any) -> bool:
-    """True for ``int``, ``float`` and their optional forms, which do not list ``bool``."""
-    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
-    kinds = set(options) if options else {annotation}
-    return bool(kinds & {int, float}) and bool not in kinds
+def strip_optional(annotation: Any) -> Any:
+    """``X`` for ``X | None``; any other annotation as it is."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _wants_number(annotation: Any) -> bool:
+    """True for ``int``, ``float`` and their optional forms."""
+    return strip_optional(annotation) in (int, float)
 
 
 class ConfigModel(BaseModel):
@@ -24,6 +31,6 @@ class ConfigModel(BaseModel):
     def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool) and info.field_name is not None:
             field = cls.model_fields.get(info.field_name)
-            if field is not None and _wants_number_not_bool(field.annotation):
+            if field is not None and _wants_number(field.annotation):
                 raise ValueError(f"expected a number, got {str(value).lower()}")
         return value

@@ -48,12 +48,21 @@ def listen_host(value: str) -> str:
         raise ValueError(f"must not contain spaces or control characters (got {value!r})")
     if value.startswith("[") or value.endswith("]"):
         raise ValueError(f"write an IPv6 address without brackets (got {value!r})")
-    if all(part.isdigit() for part in value.split(".")):
-        try:
-            ipaddress.IPv4Address(value)
-        except ValueError:
-            raise ValueError(f"not an IPv4 address (got {value!r})") from None
+    if _bad_dotted_quad(value):
+        raise ValueError(f"not an IPv4 address (got {value!r})")
     return value
+
+
+def _bad_dotted_quad(host: str) -> bool:
+    """True for a host of dotted digits that is no IPv4 address (``999.1.1.1``): never a
+    name, and not what was meant."""
+    if not all(part.isdigit() for part in host.split(".")):
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return True
+    return False
 
 
 BindHost = Annotated[str, AfterValidator(listen_host)]
@@ -207,11 +216,8 @@ def backend_address(url: str) -> tuple[str, str, int]:
         raise ValueError(f"URL has no host (got {url!r})")
     if _blank_or_control(parts.netloc):
         raise ValueError(f"URL host must not contain spaces or control characters (got {url!r})")
-    if all(part.isdigit() for part in parts.hostname.split(".")):
-        try:
-            ipaddress.IPv4Address(parts.hostname)
-        except ValueError:
-            raise ValueError(f"URL host is not an IPv4 address (got {url!r})") from None
+    if _bad_dotted_quad(parts.hostname):
+        raise ValueError(f"URL host is not an IPv4 address (got {url!r})")
     if parts.path not in ("", "/"):
         raise ValueError(
             f"URL must not have a path (got {parts.path!r}); match paths with routes[].path_prefix"

@@ -393,15 +393,7 @@ async def test_answers_the_proxy_makes_wait_for_a_client_that_reads_none_of_them
         await asyncio.sleep(0.5)
         (conn,) = proxy_of(app).connections
         assert conn.transport.get_write_buffer_size() < 1 << 20
-        received = 0
-        tail = b""
-        async with asyncio.timeout(30):
-            while received < count - 1:
-                data = await reader.read(1 << 16)
-                assert data
-                seen = tail + data  # a status line may straddle two reads
-                received += seen.count(b"HTTP/1.1 200 ")
-                tail = seen[-12:]  # shorter than the line: never counted twice
+        received = await _count_ok_answers(reader, count - 1)
         await sending
     finally:
         writer.close()
@@ -424,18 +416,25 @@ async def test_requests_sent_one_by_one_also_wait_for_a_client_that_reads_nothin
             await asyncio.sleep(0.001)  # a read of its own, mostly
         (conn,) = proxy_of(app).connections
         assert conn.transport.get_write_buffer_size() < 1 << 20
-        received = 0
-        tail = b""
-        async with asyncio.timeout(30):
-            while received < count:
-                data = await reader.read(1 << 16)
-                assert data
-                seen = tail + data
-                received += seen.count(b"HTTP/1.1 200 ")
-                tail = seen[-12:]
+        received = await _count_ok_answers(reader, count)
     finally:
         writer.close()
     assert received == count
+
+
+async def _count_ok_answers(reader: asyncio.StreamReader, expected: int) -> int:
+    """Read until ``expected`` 200 status lines came (at most 30 s); fails if the peer closes
+    first."""
+    received = 0
+    tail = b""
+    async with asyncio.timeout(30):
+        while received < expected:
+            data = await reader.read(1 << 16)
+            assert data, f"closed after {received} answers"
+            seen = tail + data  # a status line may straddle two reads
+            received += seen.count(b"HTTP/1.1 200 ")
+            tail = seen[-12:]  # shorter than the line: never counted twice
+    return received
 
 
 async def _send_all(writer: asyncio.StreamWriter, data: bytes) -> None:
