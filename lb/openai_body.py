@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# Python's limit on converting an integer literal (sys.get_int_max_str_digits' default).
+_MAX_INT_DIGITS = 4300
+
 
 @dataclass(frozen=True, slots=True)
 class BodyFields:
@@ -59,10 +62,26 @@ def prompt_text(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _digits(text: str) -> int | str:
+    """An integer literal as a number, or as its digits if it is too long to convert."""
+    return int(text) if len(text) <= _MAX_INT_DIGITS else text
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise
+    except ValueError:
+        # Valid JSON with an integer longer than the interpreter converts (4,300 digits): no
+        # field routing reads is such a number, so parse again keeping long ones as text.
+        return json.loads(data, parse_int=_digits)
+
+
 def parse_body(data: bytes) -> BodyFields:
     """The fields of a JSON request body; raises ``ValueError`` if it is not a JSON object."""
     try:
-        body = json.loads(data)
+        body = _loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:  # nesting deeper than the interpreter's stack: not a request body

@@ -102,3 +102,12 @@ def test_a_json_value_that_is_not_an_object_raises_value_error(data: bytes) -> N
     """A JSON array, string, number or null raises ``ValueError``."""
     with pytest.raises(ValueError, match="not a JSON object"):
         parse_body(data)
+
+
+def test_an_integer_longer_than_python_converts_does_not_hide_the_model() -> None:
+    """A number of 5,000 digits is valid JSON: the model is still read (the number is kept
+    as its digits), where converting it would fail on the interpreter's 4,300-digit limit."""
+    data = b'{"seed": ' + b"7" * 5000 + b', "model": "llama", "prompt": [1, 2]}'
+    fields = parse_body(data)
+    assert fields.model == "llama"
+    assert fields.prompt == "1 2"
