@@ -9,6 +9,7 @@ from typing import Annotated, Any, Final, Literal, get_args, get_origin
 import yaml
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     ValidationError,
     WithJsonSchema,
@@ -88,8 +89,15 @@ def _format_line(path: str, key: str, reason: str) -> str:
 MAX_WORKERS: Final = 1024
 
 
+# Top-level keys of this prefix are the file's own (anchors for YAML merge keys, notes), as
+# Docker Compose's extension fields: they are not read.
+EXTENSION_PREFIX: Final = "x-"
+
+
 class Config(ConfigModel):
     """The whole configuration file."""
+
+    model_config = ConfigDict(json_schema_extra={"patternProperties": {f"^{EXTENSION_PREFIX}": {}}})
 
     listen: Listen = Field(default_factory=Listen, description="Client listener.")
     admin: Admin = Field(default_factory=Admin, description="Admin listener.")
@@ -349,6 +357,11 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     if not isinstance(data, dict):
         got = _YAML_TYPE_NAMES.get(type(data), repr(data))
         raise ConfigError(source, "", f"top level must be a mapping (got {got})")
+    data = {
+        key: value
+        for key, value in data.items()
+        if not (isinstance(key, str) and key.startswith(EXTENSION_PREFIX))
+    }
     expanded = _interpolate(data, "", source)
     try:
         config = Config.model_validate(expanded)

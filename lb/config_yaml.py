@@ -38,12 +38,18 @@ def expand(text: str) -> str:
     return _REFERENCE.sub(replace, text)
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping. Merge keys
+    (``<<: *defaults``) work as in YAML 1.1: a key written out overrides a merged one."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue  # flattened by SafeConstructor, explicit keys winning
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen

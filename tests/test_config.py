@@ -237,6 +237,53 @@ def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
     assert "line 5" in error.reason
 
 
+def test_yaml_merge_keys_share_settings_and_a_key_written_out_wins(tmp_path: Path) -> None:
+    """``<<: *anchor`` merges a mapping in (YAML 1.1), from an ``x-`` top-level key that is
+    otherwise not read; a key the mapping writes itself overrides the merged one."""
+    config = load_config(
+        write(
+            tmp_path,
+            """\
+            x-replica: &replica {weight: 3, max_concurrency: 8}
+            pools:
+              - name: chat
+                backends:
+                  - <<: *replica
+                    url: http://127.0.0.1:8001
+                  - <<: *replica
+                    url: http://127.0.0.1:8002
+                    weight: 1
+            """,
+        )
+    )
+    backends = config.pools[0].backends
+    assert [(b.weight, b.max_concurrency) for b in backends] == [(3, 8), (1, 8)]
+
+
+def test_a_key_given_twice_beside_a_merge_key_is_still_an_error(tmp_path: Path) -> None:
+    """Merging does not excuse a key the mapping itself writes twice."""
+    error = load_error(
+        tmp_path,
+        """\
+        x-replica: &replica {weight: 3}
+        pools:
+          - name: chat
+            backends:
+              - <<: *replica
+                url: http://127.0.0.1:8001
+                url: http://127.0.0.1:8002
+        """,
+    )
+    assert "duplicate key 'url'" in error.reason
+
+
+def test_the_schema_allows_extension_keys_at_the_top_level() -> None:
+    """Editors checking the file against ``lb schema`` accept ``x-`` keys, as lb does."""
+    schema = Config.model_json_schema()
+    assert schema["additionalProperties"] is False
+    assert list(schema["patternProperties"]) == ["^x-"]
+
+
 def test_unknown_top_level_key_is_reported_with_the_allowed_keys(tmp_path: Path) -> None:
     """A misspelt top-level key is an error that lists what is allowed."""
     error = load_error(tmp_path, ONE_POOL + "listn: {port: 1}\n")
