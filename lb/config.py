@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Sequence
-from typing import Annotated, Any, Final, Literal, get_args, get_origin
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -290,21 +291,35 @@ def _join(key: str, part: object) -> str:
     return f"{key}.{text}" if key else text
 
 
-def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
-    """The model class found at ``loc`` inside :class:`Config`, if any."""
+def _walk(loc: Sequence[int | str]) -> tuple[str, Any, bool]:
+    """Follow an error's location through :class:`Config`: its key path without pydantic's
+    union-branch tags (``literal[...]``, ``int``), the annotation found there (``None`` once
+    it cannot be told), and whether a branch tag was passed."""
+    key, branch = "", False
     annotation: Any = Config
     for part in loc:
         annotation = strip_optional(annotation)
+        if get_origin(annotation) is Annotated:
+            annotation = strip_optional(get_args(annotation)[0])
+        if get_origin(annotation) in (Union, types.UnionType):
+            branch, annotation = True, None  # this part names the branch tried
+            continue
+        key = _join(key, part)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             field = annotation.model_fields.get(str(part))
-            if field is None:
-                return None
-            annotation = field.annotation
+            annotation = None if field is None else field.annotation
         elif get_origin(annotation) is list and isinstance(part, int):
             annotation = get_args(annotation)[0]
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
         else:
-            return None
-    annotation = strip_optional(annotation)
+            annotation = None
+    return key, strip_optional(annotation), branch
+
+
+def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model class found at ``loc`` inside :class:`Config`, if any."""
+    _, annotation, _ = _walk(loc)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None
@@ -313,36 +328,68 @@ def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
 _YAML_TYPE_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}
 
 
-def _reason(error: ErrorDetails) -> str:
-    kind, loc = error["type"], error["loc"]
+def _message(error: ErrorDetails) -> str:
+    kind = error["type"]
     if kind == "value_error" and "ctx" in error:
         return str(error["ctx"]["error"])
     if kind == "extra_forbidden":
+        loc = error["loc"]
         model = _model_at(loc[:-1])
         allowed = f" (allowed: {', '.join(model.model_fields)})" if model else ""
         return f"unknown key {loc[-1]!r}{allowed}"
     if kind == "missing":
         return "required key is missing"
-    message = {"model_type": "expected a mapping", "dict_type": "expected a mapping"}.get(
+    return {"model_type": "expected a mapping", "dict_type": "expected a mapping"}.get(
         kind, error["msg"]
     )
+
+
+def _reason(error: ErrorDetails, message: str | None = None) -> str:
+    """``message`` (the error's own by default) with the value given, where that helps."""
+    kind = error["type"]
+    if message is None:
+        message = _message(error)
+        if (kind == "value_error" and "ctx" in error) or kind in ("extra_forbidden", "missing"):
+            return message
     value = error.get("input")
     if value is None:
         return f"{message} (got null)"
     if isinstance(value, str | int | float | bool):
         return f"{message} (got {value!r})"
-    if kind.endswith("_type"):
+    if kind.endswith("_type") or isinstance(value, dict | list):
         return f"{message} (got {_YAML_TYPE_NAMES.get(type(value), type(value).__name__)})"
     return message
 
 
+def _expected(error: ErrorDetails) -> str:
+    """What one branch of a union wanted, as the end of "expected ..."."""
+    text = _message(error).removeprefix("Input should be ").removeprefix("expected ")
+    return text.split(", unable to ")[0].split(", got ")[0]
+
+
 def _translate(exc: ValidationError) -> list[tuple[str, str]]:
-    problems = []
+    """One ``(key, reason)`` per problem. A value no branch of a union took is one problem:
+    "expected A or B (got ...)", not one line per branch under pydantic's tags."""
+    problems: list[tuple[str, str]] = []
+    branches: dict[str, list[ErrorDetails]] = {}
     for error in exc.errors(include_url=False):
-        key = ""
-        for part in error["loc"]:
-            key = _join(key, part)
-        problems.append((key, _reason(error)))
+        key, _, branch = _walk(error["loc"])
+        if branch:
+            tried = branches.get(key)
+            if tried is None:
+                tried = branches[key] = []
+                problems.append((key, ""))  # filled in below, in the order met
+            tried.append(error)
+        else:
+            problems.append((key, _reason(error)))
+    for index, (key, reason) in enumerate(problems):
+        tried = branches.get(key) if not reason else None
+        if tried:
+            if len(tried) == 1:
+                problems[index] = (key, _reason(tried[0]))
+            else:
+                wanted = " or ".join(_expected(error) for error in tried)
+                problems[index] = (key, _reason(tried[0], f"expected {wanted}"))
     return problems
 
 

@@ -298,6 +298,20 @@ def test_unknown_nested_key_is_reported_at_its_path(tmp_path: Path) -> None:
     assert "unknown key 'wieght' (allowed: url, weight, max_concurrency, name)" in str(error)
 
 
+def test_a_value_no_branch_of_a_choice_takes_is_one_problem_naming_every_choice(
+    tmp_path: Path,
+) -> None:
+    """``retry_on`` takes a condition's name or a status: a value that is neither is one
+    line saying both, at the entry's own key, not a line per alternative tried."""
+    text = ONE_POOL + "    retry: {retry_on: [timeout, bogus]}\n"
+    error = load_error(tmp_path, text)
+    assert str(error).count("\n") == 0
+    assert error.key == "pools[0].retry.retry_on[1]"
+    assert error.reason == (
+        "expected 'connect_error', 'reset' or 'timeout' or a valid integer (got 'bogus')"
+    )
+
+
 def test_wrong_type_is_reported_with_the_value_given(tmp_path: Path) -> None:
     """A value of the wrong type names the expected type and the value found."""
     error = load_error(tmp_path, ONE_POOL + "        weight: heavy\n")
