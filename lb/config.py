@@ -205,6 +205,16 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
                 )
             by_url.setdefault(address, j)
             by_name.setdefault(name, j)
+        if pool.tls is not None and not any(
+            b.url.lower().startswith("https://") for b in pool.backends
+        ):
+            problems.append(
+                (
+                    f"pools[{i}].tls",
+                    "TLS settings for a pool with no https:// backend (its backends would be "
+                    "reached in plain text)",
+                )
+            )
     known = ", ".join(pool_names)
     route_names: dict[str, int] = {}
     for i, route in enumerate(config.routes):

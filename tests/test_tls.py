@@ -222,3 +222,23 @@ def test_a_key_file_without_a_cert_file_is_a_config_error():
         )
     assert caught.value.key.startswith("pools[0].tls")
     assert "key_file is set but cert_file is not" in caught.value.reason
+
+
+def test_tls_settings_on_a_pool_of_plain_http_backends_are_a_config_error():
+    """A CA file beside http:// URLs is a scheme left unchanged: stopping says so, where
+    going on would send the pool's traffic unencrypted."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            {
+                "pools": [
+                    {
+                        "name": "secure",
+                        "backends": [{"url": "http://10.0.0.1:8443"}],
+                        "tls": {"ca_file": "/etc/lb/ca.pem"},
+                    }
+                ]
+            },
+            "test",
+        )
+    assert caught.value.key == "pools[0].tls"
+    assert "no https:// backend" in caught.value.reason

@@ -62,7 +62,9 @@ def resolve(spec: str) -> type[Strategy]:
 
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # any error raised while importing user code is a config error
+    # Any error raised while importing user code is a config error; so is a sys.exit() in
+    # it, which would otherwise end the proxy (on a reload, the running one).
+    except (Exception, SystemExit) as exc:
         raise ValueError(
             f"strategy {spec!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -120,7 +122,7 @@ def build(
         return cls(backends, rng=rng, clock=clock, options=options)
     except ValueError:
         raise
-    except Exception as exc:  # a user class failing to construct is a config error too
+    except (Exception, SystemExit) as exc:  # a user class failing to construct is one too
         raise ValueError(
             f"strategy {spec!r} could not be built: {type(exc).__name__}: {exc}"
         ) from exc

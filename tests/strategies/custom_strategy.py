@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from lb.backend import Backend
@@ -47,6 +48,16 @@ class Broken(Strategy):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         raise RuntimeError("model catalogue unavailable")
+
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
+        return candidates[0]
+
+
+class Exits(Strategy):
+    """A strategy whose constructor ends the process, as a careless script might."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        sys.exit(3)
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         return candidates[0]

@@ -144,6 +144,15 @@ def test_constructor_failure_becomes_value_error() -> None:
         build(f"{CUSTOM}:Broken", make_backends(1))
 
 
+def test_a_strategy_that_calls_sys_exit_is_a_config_error_not_the_proxys_exit() -> None:
+    """sys.exit() while importing or building user code is reported like any other error
+    there: on a reload it would otherwise end the running proxy."""
+    with pytest.raises(ValueError, match=r"cannot import module .*SystemExit: this module is"):
+        resolve("tests.strategies.exiting_strategy:Anything")
+    with pytest.raises(ValueError, match="could not be built: SystemExit: 3"):
+        build(f"{CUSTOM}:Exits", make_backends(1))
+
+
 def test_a_strategy_may_keep_anything_in_the_request_infos_key() -> None:
     info = RequestInfo(method="POST", path="/v1/chat/completions")
     for key in (b"bytes", 42, ("a", 1), None, "text"):
