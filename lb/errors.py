@@ -51,8 +51,8 @@ class ModelMissing(ProxyError):
     type = "invalid_request_error"
     code = "model_missing"
 
-    def __init__(self) -> None:
-        super().__init__("you must provide a model parameter")
+    def __init__(self, message: str = "you must provide a model parameter") -> None:
+        super().__init__(message)
 
 
 class Unauthorized(ProxyError):

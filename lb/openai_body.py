@@ -12,6 +12,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+_JSON_TYPES: dict[type, str] = {
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+}
 # Python's limit on converting an integer literal (sys.get_int_max_str_digits' default).
 _MAX_INT_DIGITS = 4300
 
@@ -24,6 +31,8 @@ class BodyFields:
     user: str | None = None
     prompt: str | None = None
     stream: bool = False
+    # Why a ``model`` the body has is unusable (it is no string), else None.
+    model_problem: str | None = None
 
 
 def _content_text(content: Any) -> str:
@@ -90,9 +99,13 @@ def parse_body(data: bytes) -> BodyFields:
         raise ValueError("request body is not a JSON object")
     model = body.get("model")
     user = body.get("user")
+    problem = None
+    if model is not None and not isinstance(model, str):
+        problem = f"'model' must be a string (got {_JSON_TYPES.get(type(model), 'a value')})"
     return BodyFields(
         model=model if isinstance(model, str) else None,
         user=user if isinstance(user, str) else None,
         prompt=prompt_text(body),
         stream=body.get("stream") is True,
+        model_problem=problem,
     )

@@ -23,6 +23,8 @@ from lb.backend import Backend
 from lb.downstream import ClientConnection
 from lb.errors import (
     BadRequest,
+    BodyTooLarge,
+    ModelMissing,
     NoBackendAvailable,
     ProxyError,
     RequestTimeout,
@@ -107,9 +109,16 @@ class Proxy:
             )
             has_body = req.chunked or bool(req.content_length)
             router = self.router
+            # Why the body names no usable model, when model routes needed it to.
+            unusable: ProxyError | None = None
             if has_body and router.needs_model(req):
-                await self._read_body_fields(req, info, strict=True)
-            route = router.match(req, info.model)
+                unusable = await self._read_body_fields(req, info, strict=True)
+            try:
+                route = router.match(req, info.model)
+            except ModelMissing as missing:
+                # Only when no other route takes it (a non-JSON upload to a catch-all pool
+                # goes there): the body's own problem is the answer.
+                raise missing if unusable is None else unusable from None
             req.route = route.name
             pool = route.choose_pool(self.rng)
             if has_body and pool.strategy.needs_body and info.prompt is None and info.model is None:
@@ -209,18 +218,27 @@ class Proxy:
 
     async def _read_body_fields(
         self, req: IncomingRequest, info: RequestInfo, *, strict: bool
-    ) -> None:
-        """Fill ``info`` from the JSON body; ``strict``: a body that is not JSON is a 400."""
-        data = await req.body.collect(self.limits.max_inspect_bytes)
+    ) -> ProxyError | None:
+        """Fill ``info`` from the JSON body; returns why it gives no usable model, if so.
+
+        ``strict``: the body must be read (model routes need it), so one too large to read is
+        a 413. Otherwise the body is only a hint for the strategy: one too large goes unread.
+        """
+        try:
+            data = await req.body.collect(self.limits.max_inspect_bytes)
+        except BodyTooLarge:
+            if strict:
+                raise
+            return None
         try:
             fields = parse_body(data)
         except ValueError as exc:
-            if strict:
-                raise BadRequest(f"{exc}; this route needs the request's model") from None
-            return
+            return BadRequest(f"{exc}; this route needs the request's model")
         info.model = fields.model
         info.user = fields.user
         info.prompt = fields.prompt
+        problem = fields.model_problem
+        return None if problem is None else ModelMissing(problem)
 
     async def _forward(
         self,

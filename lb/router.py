@@ -107,6 +107,6 @@ class Router:
         if self.needs_model(req):
             if model is not None:
                 raise ModelNotFound(model)
-            if req.chunked or req.content_length:
-                raise ModelMissing()  # a body that names no model, on a route that needs one
+            if req.chunked or req.content_length is not None:
+                raise ModelMissing()  # a body (even empty) naming no model, where one is needed
         raise NoRoute(f"no route for {req.method.decode()} {req.path.decode(errors='replace')}")

@@ -170,6 +170,54 @@ async def test_a_get_without_a_body_matches_a_route_that_names_no_model(backends
     assert (b0.hits, b1.hits, b2.hits) == (0, 0, 1)
 
 
+async def test_a_body_that_is_not_json_goes_to_a_later_route_that_names_no_model(
+    backends, start_proxy
+):
+    """A multipart upload (``/v1/audio/transcriptions``) cannot name a model in JSON, but a
+    catch-all route takes it: forwarded whole there, not refused for the model routes' sake."""
+    b0, b1, b2 = await backends(3)
+    routes = [*MODEL_ROUTES, {"path_prefix": "/", "pool": "c"}]
+    app = await start_proxy(
+        proxy_config([pool("a", [b0]), pool("b", [b1]), pool("c", [b2])], routes=routes)
+    )
+    form = aiohttp.FormData()
+    form.add_field("model", "whisper-1")
+    form.add_field("file", b"RIFF" + b"\0" * 2000, filename="a.wav")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url(app, "/v1/audio/transcriptions"), data=form) as resp,
+    ):
+        assert resp.status == 200
+        got = await resp.json()
+    assert got["backend"] == "b2"
+    assert (b0.hits, b1.hits, b2.hits) == (0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        (b"", "model_missing", "you must provide a model parameter"),
+        (b'{"model": 7}', "model_missing", "'model' must be a string (got a number)"),
+    ],
+)
+async def test_an_empty_body_or_a_model_that_is_no_string_is_an_openai_400_on_a_model_route(
+    backends, start_proxy, body: bytes, code: str, message: str
+):
+    """Where only model routes match, an empty POST asks for a model as ``{}`` does, and a
+    model of the wrong type is named as such, not taken for a missing one."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("a", [b0]), pool("b", [b1])], routes=MODEL_ROUTES))
+    headers = {"content-type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url(app, CHAT), data=body, headers=headers) as resp,
+    ):
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert (error["code"], error["message"]) == (code, message)
+    assert (b0.hits, b1.hits) == (0, 0)
+
+
 async def test_v1_models_lists_the_configured_pool_models_and_route_matchers(backends, start_proxy):
     """The proxy answers ``GET /v1/models`` itself with the union of every pool's ``models``
     and the routes' model matchers, without asking a backend."""

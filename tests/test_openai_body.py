@@ -80,9 +80,13 @@ def test_model_user_and_stream_are_extracted() -> None:
 
 
 def test_fields_that_are_absent_or_not_strings_are_none() -> None:
-    """A missing model or a model, user or prompt of the wrong type reads as ``None``."""
+    """A missing model or a model, user or prompt of the wrong type reads as ``None``; a
+    model that is there but no string says so, for the error the client gets."""
     assert parse_body(b"{}") == BodyFields()
-    assert parse_body(body(model=3, user=["u"], prompt={"a": 1})) == BodyFields()
+    assert parse_body(body(model=3, user=["u"], prompt={"a": 1})) == BodyFields(
+        model_problem="'model' must be a string (got a number)"
+    )
+    assert parse_body(body(model=None)) == BodyFields()
 
 
 def test_invalid_json_raises_value_error() -> None:

@@ -203,6 +203,26 @@ async def test_a_body_over_the_limit_gets_413_and_never_reaches_a_backend(backen
     assert b0.hits == 0
 
 
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [("cache_aware", {}), ("consistent_hash", {"key": "prompt"})],
+)
+async def test_a_body_too_large_to_read_for_a_prompt_key_is_forwarded_unkeyed(
+    backends, start_proxy, strategy: str, options: dict[str, Any]
+):
+    """A prompt is only a hint to these strategies: a body past ``max_inspect_bytes`` (a
+    large image, say) is placed without one and forwarded whole, not refused with 413."""
+    b0, b1 = await backends(2)
+    chat = pool("chat", [b0, b1], strategy, strategy_options=options)
+    app = await start_proxy(proxy_config([chat], limits={"max_inspect_bytes": 4096}))
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "z" * 20000}]})
+    async with aiohttp.ClientSession() as s, s.post(url(app, "/v1/chat"), data=body) as resp:
+        assert resp.status == 200
+        got = await resp.json()
+    assert got["body_sha256"] == hashlib.sha256(body.encode()).hexdigest()
+    assert b0.hits + b1.hits == 1
+
+
 async def test_a_backend_that_refuses_connections_gives_502_json(backends, start_proxy):
     """Connection refused maps to 502 with the error type, a message and the pool name."""
     dead = free_port()
