@@ -349,6 +349,17 @@ class LoadReporter:
                 self._warn_once(backend, stats, "kv_scale",
                                 "KV usage reads %g, not a 0..1 fraction: set kv_usage_scale "
                                 "(0.01 for a percentage)", kv)  # fmt: skip
+        # A negative count or share is no load a server can have: not trusted (a backend
+        # reporting a queue of -1 would otherwise look emptier than an idle one).
+        if waiting is not None and waiting < 0:
+            self._distrust(backend, stats, "waiting", waiting)
+            waiting = None
+        if running is not None and running < 0:
+            self._distrust(backend, stats, "running", running)
+            running = None
+        if kv is not None and kv < 0:
+            self._distrust(backend, stats, "kv_usage", kv)
+            kv = None
         backend.reported_waiting = waiting
         backend.reported_running = running
         backend.reported_kv_usage = kv
@@ -382,6 +393,10 @@ class LoadReporter:
         else:
             log.debug("load report: pool=%s backend=%s scrape failed: %s",
                       self.pool_name, backend.name, reason)  # fmt: skip
+
+    def _distrust(self, backend: Backend, stats: ScrapeStats, field: str, value: float) -> None:
+        self._warn_once(backend, stats, f"negative:{field}",
+                        "%s reads %g, below 0; it is taken as unknown", field, value)  # fmt: skip
 
     def _warn_once(
         self, backend: Backend, stats: ScrapeStats, key: str, message: str, *args: object

@@ -485,6 +485,27 @@ async def test_a_percentage_is_scaled_to_a_fraction(
     assert math.isclose(backend.reported_kv_usage, 0.42)
 
 
+async def test_a_negative_gauge_is_taken_as_unknown_and_logged_once(
+    servers: Callable[..., Awaitable[MetricsServer]],
+    reporters: list[LoadReporter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A queue of -1 is no load a server can have: read as unknown (which least_loaded
+    scores as loaded, not as emptier than idle), with one warning."""
+    caplog.set_level(logging.WARNING, logger="lb.load_report")
+    page = VLLM_V1.replace("vllm:num_requests_waiting{", "vllm:num_requests_waiting_x{")
+    page += "vllm:num_requests_waiting -1\n"
+    server = await servers(body=page)
+    backend = Backend.from_url(server.url, name="b0")
+    reporter = run_reporter(reporters, [backend])
+    await wait_until(lambda: reporter.stats(backend).ok_total >= 4, "several scrapes")
+    assert backend.reported_waiting is None
+    assert backend.reported_running is not None and backend.reported_running >= 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "waiting reads -1, below 0" in warnings[0]
+
+
 async def test_stop_leaves_no_tasks_and_is_idempotent(
     servers: Callable[..., Awaitable[MetricsServer]],
 ) -> None:

@@ -13,7 +13,10 @@ and the lowest score wins, ties broken uniformly at random. The terms:
   when that max is 0: requests queued inside the engine, the strongest sign that a request
   sent there waits before its first token.
 - ``kv_usage``: ``reported_kv_usage``, 0..1. A full KV cache means new requests wait for
-  memory, or preempt running ones.
+  memory, or preempt running ones. A server that exports no KV gauge (TGI) is judged by its
+  running batch instead, ``reported_running / max(reported_running over fresh candidates)``
+  (or over 1): when no fresh candidate reports KV usage and some report a running count, that
+  share stands in for the KV term.
 - ``in_flight_norm = load / max(load over candidates)`` (or over 1), where ``load`` is the
   proxy's own ``in_flight`` plus its recent failures (``failure_score_at(now, decay_s)``),
   as in ``least_connections``: a backend that fails fast (an immediate 503) holds nothing in
@@ -31,9 +34,8 @@ Stale or missing reports are never trusted as idle. A candidate is *fresh* when 
 at most ``max_age_s`` old (on ``self.clock``, which must be the reporter's clock) and holds a
 queue or a KV value. For a term a candidate has no fresh value for, the estimate is
 pessimistic: ``waiting_norm = 1`` (as loaded as the most loaded fresh candidate), and
-``kv_usage`` = the highest fresh KV usage among the candidates (1 if none has one). Among
-such candidates their own in-flight counts decide. A server that exports no KV gauge (TGI)
-gets the same constant on every candidate, which changes no ranking. When no candidate at
+``kv_usage`` = the highest fresh KV usage among the candidates (1 if none has one; 1 too for
+the running share). Among such candidates their own in-flight counts decide. When no candidate at
 all is fresh (the reporter is off, or every scrape fails) the scores say nothing, and the
 pick falls back to the least in-flight load alone; :meth:`LeastLoaded.explain` says so.
 
@@ -207,6 +209,7 @@ class LeastLoaded(Strategy):
         loads: list[float] = []
         max_waiting = 0.0
         max_kv: float | None = None
+        max_running: float | None = None
         max_load = 0.0
         for b in candidates:
             is_fresh = self.is_fresh(b, now)
@@ -218,6 +221,9 @@ class LeastLoaded(Strategy):
                 kv = b.reported_kv_usage
                 if kv is not None and (max_kv is None or kv > max_kv):
                     max_kv = kv
+                running = b.reported_running
+                if running is not None and (max_running is None or running > max_running):
+                    max_running = running
             load = float(b.in_flight)
             if b.failure_score:
                 load += b.failure_score_at(now, decay_s)
@@ -232,6 +238,9 @@ class LeastLoaded(Strategy):
         waiting_scale = max_waiting if max_waiting > 0 else 1.0
         load_scale = max_load if max_load > 0 else 1.0
         kv_unknown = max_kv if max_kv is not None else 1.0
+        # No KV gauge anywhere (TGI): the running batch's share stands in for the KV term.
+        by_running = max_kv is None and max_running is not None
+        running_scale = max_running if max_running is not None and max_running > 0 else 1.0
         w_queue, w_kv, w_inflight = self.queue_weight, self.kv_weight, self.inflight_weight
         if self._all_stale:
             # No report says anything: the in-flight load alone, against the prefix.
@@ -245,7 +254,11 @@ class LeastLoaded(Strategy):
         ties = 0
         for i, b in enumerate(candidates):
             waiting = b.reported_waiting if fresh[i] else None
-            kv = b.reported_kv_usage if fresh[i] else None
+            if by_running:
+                running = b.reported_running if fresh[i] else None
+                kv = None if running is None else running / running_scale
+            else:
+                kv = b.reported_kv_usage if fresh[i] else None
             score = (
                 w_queue * (1.0 if waiting is None else waiting / waiting_scale)
                 + w_kv * (kv_unknown if kv is None else kv)
@@ -289,5 +302,7 @@ class LeastLoaded(Strategy):
         waiting = backend.reported_waiting
         kv = backend.reported_kv_usage
         queue_text = "?" if waiting is None else f"{waiting:g}"
+        if kv is None and backend.reported_running is not None:
+            return f"queue {queue_text}, running {backend.reported_running:g}{prefix}"
         kv_text = "?" if kv is None else f"{kv:.2f}"
         return f"queue {queue_text}, kv {kv_text}{prefix}"

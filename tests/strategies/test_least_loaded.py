@@ -34,11 +34,12 @@ def report(
     waiting: float | None = 0.0,
     kv: float | None = 0.0,
     *,
+    running: float | None = 0.0,
     age_s: float = 0.1,
 ) -> None:
     """Give ``backend`` a report taken ``age_s`` before NOW_S."""
     backend.reported_waiting = waiting
-    backend.reported_running = 0.0
+    backend.reported_running = running
     backend.reported_kv_usage = kv
     backend.reported_at_s = NOW_S - age_s
 
@@ -191,7 +192,26 @@ def test_a_server_without_a_kv_metric_is_ranked_by_queue() -> None:
     report(b, waiting=1, kv=None)
     strategy = make_strategy(backends)
     assert picks(strategy, backends) == {"b1": 200}
-    assert strategy.explain(b, REQUEST) == "queue 1, kv ?"
+    assert strategy.explain(b, REQUEST) == "queue 1, running 0"
+
+
+def test_a_server_without_a_kv_metric_is_judged_by_its_running_batch_when_queues_agree() -> None:
+    """TGI reports its queue and its running batch but no KV usage: with equal queues the
+    smaller batch wins, where it would otherwise be a coin toss."""
+    busy, idle = backends = make_backends(2)
+    report(busy, waiting=0, kv=None, running=64)
+    report(idle, waiting=0, kv=None, running=0)
+    strategy = make_strategy(backends)
+    assert picks(strategy, backends) == {"b1": 200}
+    assert strategy.explain(idle, REQUEST) == "queue 0, running 0"
+
+
+def test_a_reported_kv_usage_decides_over_the_running_batch() -> None:
+    """Where servers report KV usage (vLLM, SGLang), that is the memory term, not the batch."""
+    a, b = backends = make_backends(2)
+    report(a, waiting=0, kv=0.2, running=64)
+    report(b, waiting=0, kv=0.6, running=4)
+    assert picks(make_strategy(backends), backends) == {"b0": 200}
 
 
 def test_explain_names_the_reported_queue_and_kv_usage() -> None:
