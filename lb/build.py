@@ -71,21 +71,32 @@ def build_pools(
         except ValueError as exc:
             problems.append((f"pools[{i}].strategy_options.decay_s", str(exc)))
             continue
-        try:
-            options = dict(pc.strategy_options)
-            if pc.strategy in ("least_loaded", "cache_aware"):
-                options.setdefault("max_age_s", pc.load_report.max_age_s)
-            strategy = build_strategy(pc.strategy, backends, options=options)
-        except ValueError as exc:
-            problems.append((f"pools[{i}].strategy", str(exc)))
-            continue
+        options = dict(pc.strategy_options)
+        if pc.strategy in ("least_loaded", "cache_aware"):
+            options.setdefault("max_age_s", pc.load_report.max_age_s)
+        # The same spec and options over the very same backends and weights: the strategy
+        # that ran keeps running, so a reload does not scatter prompts from their caches.
+        members = tuple((id(b), b.weight) for b in backends)
+        strategy_key = (pc.strategy, repr(sorted(options.items())), members)
+        shadow_key = (pc.shadow_strategy, members)
+        if prev is not None and prev.strategy_key == strategy_key:
+            strategy = prev.strategy
+        else:
+            try:
+                strategy = build_strategy(pc.strategy, backends, options=options)
+            except ValueError as exc:
+                problems.append((f"pools[{i}].strategy", str(exc)))
+                continue
         shadow = None
         if pc.shadow_strategy is not None:
-            try:
-                shadow = build_strategy(pc.shadow_strategy, backends)
-            except ValueError as exc:
-                problems.append((f"pools[{i}].shadow_strategy", str(exc)))
-                continue
+            if prev is not None and prev.shadow_key == shadow_key:
+                shadow = prev.shadow_strategy
+            else:
+                try:
+                    shadow = build_strategy(pc.shadow_strategy, backends)
+                except ValueError as exc:
+                    problems.append((f"pools[{i}].shadow_strategy", str(exc)))
+                    continue
         upstreams = {
             b: prev.upstreams[b]
             if prev is not None and b in prev.upstreams
@@ -122,6 +133,7 @@ def build_pools(
                 pool.queue.carry_counters(prev.queue)
             for backend in fresh:
                 pool.begin_slow_start(backend)
+        pool.strategy_key, pool.shadow_key = strategy_key, shadow_key
         header = config.headers.backend_header
         pool.backend_lines = {
             b: (b"%s: %s\r\n" % (header.encode(), b.name.encode()) if header else b"")

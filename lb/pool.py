@@ -135,6 +135,10 @@ class Pool:
             b.pool_load = self.load
         self.strategy = strategy
         self.shadow_strategy = shadow_strategy  # computed beside, to compare (never used)
+        # What the strategies were built from (lb.build): a reload that would build the same
+        # keeps them, with what they learnt (a prefix tree, a rotation's place).
+        self.strategy_key: object = None
+        self.shadow_key: object = None
         self.upstreams = upstreams
         self.timeouts = timeouts
         self.rtt_decay_s = rtt_decay_s  # the latency estimate's decay, shared with the strategy

@@ -542,6 +542,40 @@ async def test_reload_picks_up_a_backend_added_to_the_file(backends, start_from_
     assert await _served_by(app, 4) == {"b0": 2, "b1": 2}
 
 
+async def test_a_reload_that_changes_no_strategy_keeps_what_it_learnt(backends, start_from_file):
+    """``cache_aware`` keeps its prefix tree across a reload of the same pool (a prompt seen
+    before still goes where it is cached); changing the pool's options builds it anew."""
+    b0, b1, b2 = await backends(3)
+    config = proxy_config([pool("chat", [b0, b1, b2], "cache_aware")])
+    app, path = await start_from_file(config)
+    prompts = [f"tenant {i}: " + "shared system prompt " * 20 for i in range(5)]
+
+    async def place(prompt: str) -> tuple[str, str]:
+        body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url(app, "/v1/chat/completions"), json=body) as resp,
+        ):
+            assert resp.status == 200
+            return resp.headers["x-lb-backend"], resp.headers["x-lb-decision"]
+
+    first = [(await place(p))[0] for p in prompts]
+    learnt = app.proxy.pools["chat"].strategy
+    path.write_text(yaml.safe_dump(config))
+    assert await app.reload()
+    assert app.proxy.pools["chat"].strategy is learnt
+    again = [await place(p) for p in prompts]
+    assert [backend for backend, _ in again] == first
+    assert all("prefix match" in why for _, why in again)
+
+    changed = proxy_config_with(
+        config, pool("chat", [b0, b1, b2], "cache_aware", strategy_options={"cache_threshold": 0.6})
+    )
+    path.write_text(yaml.safe_dump(changed))
+    assert await app.reload()
+    assert app.proxy.pools["chat"].strategy is not learnt
+
+
 async def test_a_reload_renaming_the_decision_header_is_obeyed(backends, start_from_file):
     """The decision texts the proxy keeps are per header name: after a reload renames the
     header, responses carry the new name and not the old one."""
