@@ -78,6 +78,8 @@ def backend_state(backend: Backend, pool: Pool, control: Control) -> dict[str, A
         "drained": backend.drained,
         "ejected": ejected_for > 0,
         "ejected_for_s": ejected_for,
+        # Held out by a 503/429's Retry-After: seconds left.
+        "held_for_s": max(backend.held_until_s - now, 0.0),
         "ejections_total": backend.ejections_total,
         "in_flight": backend.in_flight,
         "latency_estimate_s": backend.rtt_at(now, pool.rtt_decay_s),
@@ -207,23 +209,28 @@ async def to_dashboard(request: web.Request) -> web.StreamResponse:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _unauthorized(message: str) -> web.Response:
+    """A 401 naming the scheme to authenticate with (RFC 9110 section 11.6.1)."""
+    response = _error(401, "unauthorized", message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="lb-admin"'
+    return response
+
+
 def mutating(handler: Handler) -> Handler:
     """Wrap a handler that changes state: the admin bearer token is required."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         token = _control(request).admin_token()
         if token is None:
-            return _error(
-                401,
-                "unauthorized",
+            return _unauthorized(
                 "admin calls that change something need a bearer token, and none is "
-                "configured: set admin.token or the LB_ADMIN_TOKEN environment variable",
+                "configured: set admin.token or the LB_ADMIN_TOKEN environment variable"
             )
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
         presented = given.strip().encode("utf-8", "surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
-            return _error(401, "unauthorized", "a valid admin bearer token is required")
+            return _unauthorized("a valid admin bearer token is required")
         return await handler(request)
 
     return guarded

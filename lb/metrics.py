@@ -183,6 +183,11 @@ class ProxyCollector(Collector):
             "lb_upstream_connections_opened", "Connections opened to each backend.",
             labels=["pool", "backend"],
         )  # fmt: skip
+        connect_failures = CounterMetricFamily(
+            "lb_upstream_connect_failures",
+            "Connects to each backend that failed: refused, timed out, or a failed TLS handshake.",
+            labels=["pool", "backend"],
+        )
         idle = GaugeMetricFamily(
             "lb_upstream_idle_connections", "Pooled keep-alive connections to each backend.",
             labels=["pool", "backend"],
@@ -198,16 +203,18 @@ class ProxyCollector(Collector):
             t = stats.ttfb
             ttfb.add_metric([name], _histogram_buckets(t), t.sum)
             disconnects.add_metric([name], stats.client_disconnects)
+            now = pool.clock()
             for b in pool.backends:
                 labels = [name, b.name]
                 for cls, count in zip(CODE_CLASSES, b.responses_by_class, strict=True):
                     responses.add_metric([*labels, cls], count)
                 in_flight.add_metric(labels, b.in_flight)
-                rtt.add_metric(labels, b.rtt_estimate_s)
+                rtt.add_metric(labels, b.rtt_at(now, pool.rtt_decay_s))  # as strategies see it
                 healthy.add_metric(labels, 1.0 if b.healthy else 0.0)
                 weight.add_metric(labels, b.weight)
                 up = pool.upstreams[b]
                 connects.add_metric(labels, up.connects_total)
+                connect_failures.add_metric(labels, up.connect_failures_total)
                 idle.add_metric(labels, up.idle_count)
         clients = GaugeMetricFamily("lb_client_connections", "Open client connections.")
         clients.add_metric([], self._client_connections())
@@ -215,7 +222,7 @@ class ProxyCollector(Collector):
         info.add_metric([__version__], 1.0)
         yield from (
             requests, by_route, duration, ttfb, disconnects, responses, in_flight, rtt, healthy,
-            weight, connects, idle, clients, info,
+            weight, connects, connect_failures, idle, clients, info,
         )  # fmt: skip
         yield from resilience.families()
         yield from _inference_families(pools)

@@ -29,6 +29,10 @@ _BACKEND = {
         "drained": {"type": "boolean"},
         "ejected": {"type": "boolean"},
         "ejected_for_s": {"type": "number"},
+        "held_for_s": {
+            "type": "number",
+            "description": "Seconds left of a hold asked for by a 503 or 429's Retry-After.",
+        },
         "ejections_total": {"type": "integer"},
         "in_flight": {"type": "integer"},
         "latency_estimate_s": {"type": "number"},

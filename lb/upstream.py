@@ -417,7 +417,8 @@ class ConnectionPool:
         self._idle: list[UpstreamConnection] = []
         self._reaper: asyncio.TimerHandle | None = None
         self._closed = False
-        self.connects_total = 0
+        self.connects_total = 0  # connections opened
+        self.connect_failures_total = 0  # connects refused, timed out or failing TLS
 
     @property
     def idle_count(self) -> int:
@@ -436,7 +437,6 @@ class ConnectionPool:
         """Open a new connection; raises :class:`UpstreamUnreachable` on any failure."""
         loop = asyncio.get_running_loop()
         backend = self.backend
-        self.connects_total += 1
         context = None
         if backend.scheme == "https":
             # The context is read at each connect, so a reload's new TLS settings apply to
@@ -452,10 +452,12 @@ class ConnectionPool:
                     server_hostname=(backend.server_name or backend.host) if context else None,
                 )
         except TimeoutError:
+            self.connect_failures_total += 1
             raise UpstreamUnreachable(
                 f"connect to backend {backend.name} timed out after {timeout_s:g}s"
             ) from None
         except OSError as exc:  # ssl.SSLError included
+            self.connect_failures_total += 1
             if isinstance(exc, ssl.SSLCertVerificationError):
                 reason = f"TLS certificate not accepted: {exc.verify_message}"
             elif isinstance(exc, ssl.SSLError):
@@ -467,6 +469,7 @@ class ConnectionPool:
             raise UpstreamUnreachable(
                 f"connect to backend {backend.name} failed: {reason}"
             ) from None
+        self.connects_total += 1
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:

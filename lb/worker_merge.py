@@ -12,7 +12,8 @@ Admin JSON: pools are matched by name and backends by name, in the first worker'
   histogram's counts and sum: summed (each worker counts its own share of the traffic);
 - ``healthy``, ``available``: true if true in any worker (the backend is taking traffic from
   some worker); ``drained``, ``ejected``, ``panicking``: true if true in any worker (an
-  operator sees the abnormal state wherever it is); ``ejected_for_s``: the longest;
+  operator sees the abnormal state wherever it is); ``ejected_for_s``, ``held_for_s``: the
+  longest;
 - ``latency_estimate_s``, ``effective_weight``: the mean (each worker's estimate of its own
   traffic; the mean is what the traffic as a whole sees);
 - ``weight``, ``max_concurrency``, ``url``, ``strategy``: the first worker's (they agree; note
@@ -90,6 +91,7 @@ def merge_backend(parts: Sequence[Json]) -> Json:
     for key in _MEAN_BACKEND:
         out[key] = _mean([p[key] for p in parts])
     out["ejected_for_s"] = max(p["ejected_for_s"] for p in parts)
+    out["held_for_s"] = max(p["held_for_s"] for p in parts)
     out["responses_by_class"] = _sum_maps([p["responses_by_class"] for p in parts])
     out["latency"] = _histogram([p["latency"] for p in parts])
     return out

@@ -398,6 +398,17 @@ async def test_a_mutating_call_without_the_admin_token_is_401_and_changes_nothin
     assert _snapshot(await _state(app)) == before
 
 
+async def test_a_401_names_the_bearer_scheme_in_www_authenticate(backends, start_from_file):
+    """RFC 9110 asks a 401 to say how to authenticate: ``WWW-Authenticate: Bearer``."""
+    app = await _guarded_proxy(backends, start_from_file)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(admin(app, "/api/v1/reload")) as resp,
+    ):
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
+
+
 async def test_a_token_that_is_not_utf8_is_401_and_changes_nothing(backends, start_from_file):
     """An Authorization header with bytes that are not UTF-8 is a wrong token: a JSON 401."""
     app = await _guarded_proxy(backends, start_from_file)

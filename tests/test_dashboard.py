@@ -213,6 +213,27 @@ async def test_every_backend_shows_available_and_a_drain_through_the_api_shows_l
     assert problems == []
 
 
+async def test_a_backend_held_by_retry_after_shows_held_not_available(
+    backends: StartBackends, start_proxy: StartProxy, page: Page
+) -> None:
+    """A 503 with ``Retry-After: 60`` passed on to the client holds its backend out of the
+    pool: the row says ``held``, with the time left, where the API says it is not available."""
+    b0, b1 = await backends(2)
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1], retry={"max_retries": 0})]))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url(app, "/status/503?retry_after=60")) as resp,
+    ):
+        assert resp.status == 503
+        held = resp.headers["x-lb-backend"]
+    other = "b1" if held == "b0" else "b0"
+    await page.goto(dashboard(app))
+    await expect(state_of(page, "chat", held)).to_have_text("held", timeout=SHOWS_WITHIN_MS)
+    note = backend_row(page, "chat", held).locator('[data-field="state_note"]')
+    await expect(note).to_contain_text("Retry-After")
+    await expect(state_of(page, "chat", other)).to_have_text("available")
+
+
 async def test_a_banner_shows_while_polls_fail_and_goes_when_they_succeed(
     backends: StartBackends, start_proxy: StartProxy, page: Page
 ) -> None:

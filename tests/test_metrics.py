@@ -23,7 +23,7 @@ import lb
 from lb.app import App
 from lb.config import load_config
 from lb.metrics import CODE_CLASSES
-from tests.conftest import pool, proxy_config, url
+from tests.conftest import free_port, pool, proxy_config, url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -249,6 +249,64 @@ async def test_a_scrape_counts_requests_by_pool_status_class_and_backend(backend
     assert value(text, "lb_request_duration_seconds_sum", pool="chat") > 0
     assert not [k for k in series(text) if k[0] == "lb_retries_total"]
     assert value(text, "lb_build_info", version=lb.__version__) == 1
+
+
+async def test_the_latency_estimate_gauge_is_the_one_the_strategies_and_the_api_see(
+    backends, start_proxy
+):
+    """A backend whose last slow answer was long ago has an estimate relaxed towards the
+    default, as latency_weighted and the admin API read it: the gauge says that too, not the
+    raw value frozen at that answer."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0], "latency_weighted")]))
+    chat = app.proxy.pools["chat"]
+    backend = chat.backends[0]
+    backend.rtt_estimate_s = 60.0
+    backend.rtt_stamp_s = chat.clock() - 600.0
+    async with aiohttp.ClientSession() as s:
+        text = await scrape(s, app)
+        async with s.get(
+            f"http://127.0.0.1:{app.admin_port}/api/v1/pools/chat/backends/b0"
+        ) as resp:
+            shown = (await resp.json())["latency_estimate_s"]
+    gauge = value(text, "lb_upstream_latency_estimate_seconds", pool="chat", backend="b0")
+    assert gauge < 1.0
+    assert gauge == pytest.approx(shown, rel=0.05)
+
+
+async def test_a_connect_that_fails_counts_as_a_failure_not_as_a_connection_opened(
+    backends, start_proxy
+):
+    """Requests to a port nothing listens on open no connection: each refused connect is
+    counted in lb_upstream_connect_failures_total, and the live backend's connection in
+    lb_upstream_connections_opened_total."""
+    (live,) = await backends(1)
+    dead_port = free_port()
+    config = proxy_config(
+        [
+            {
+                "name": "chat",
+                "backends": [
+                    {"url": f"http://127.0.0.1:{dead_port}", "name": "dead"},
+                    {"url": live.url, "name": live.name},
+                ],
+                "retry": {"max_retries": 0},
+            }
+        ]
+    )
+    app = await start_proxy(config)
+    async with aiohttp.ClientSession() as s:
+        statuses = []
+        for _ in range(4):
+            async with s.get(url(app, "/")) as resp:
+                statuses.append(resp.status)
+        text = await scrape(s, app)
+    refused = statuses.count(502)
+    assert refused >= 1 and statuses.count(200) == 4 - refused
+    failures = value(text, "lb_upstream_connect_failures_total", pool="chat", backend="dead")
+    assert failures == refused
+    assert value(text, "lb_upstream_connections_opened_total", pool="chat", backend="dead") == 0
+    assert value(text, "lb_upstream_connections_opened_total", pool="chat", backend=live.name) == 1
 
 
 async def test_a_scrape_counts_requests_by_route_name_and_status_class(backends, start_proxy):

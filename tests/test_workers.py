@@ -394,18 +394,20 @@ def test_merged_series_carry_a_worker_label() -> None:
 def test_a_backend_merged_over_workers_sums_counts_and_ors_health() -> None:
     """Counters and histograms add up; ``healthy`` is true if any worker says so."""
 
-    def part(in_flight: int, healthy: bool, rtt: float) -> dict[str, Any]:
+    def part(in_flight: int, healthy: bool, rtt: float, held_s: float) -> dict[str, Any]:
         return {
             "name": "b0", "url": "u", "weight": 1, "effective_weight": 1.0,
             "max_concurrency": None, "healthy": healthy, "available": healthy,
             "drained": False, "ejected": False, "ejected_for_s": 0.0, "ejections_total": 0,
+            "held_for_s": held_s,
             "in_flight": in_flight, "latency_estimate_s": rtt, "requests_total": 10,
             "failures_total": 1, "responses_by_class": {"2xx": 9, "5xx": 1},
             "latency": {"buckets": [0.1], "counts": [4, 6], "sum": 2.0},
         }  # fmt: skip
 
-    merged = merge_backend([part(1, True, 0.1), part(2, False, 0.3)])
+    merged = merge_backend([part(1, True, 0.1, 0.0), part(2, False, 0.3, 12.0)])
     assert merged["in_flight"] == 3 and merged["requests_total"] == 20
+    assert merged["held_for_s"] == 12.0
     assert merged["healthy"] is True
     assert merged["latency_estimate_s"] == pytest.approx(0.2)
     assert merged["responses_by_class"] == {"2xx": 18, "5xx": 2}

@@ -114,6 +114,7 @@
     if (b.drained) return "drained";
     if (!b.healthy) return "unhealthy";
     if (b.ejected) return "ejected";
+    if (b.available === false) return "held";  // by a Retry-After
     return "available";
   }
 
@@ -259,12 +260,14 @@
       setText(this.urlText, b.url || "");
       setBadge(this.health, b.healthy ? "healthy" : "unhealthy", b.healthy ? "green" : "red");
       const state = backendState(b);
-      const tone = { available: "green", drained: "grey", ejected: "amber", unhealthy: "red" };
+      const tone = {
+        available: "green", drained: "grey", ejected: "amber", held: "amber", unhealthy: "red",
+      };
       setBadge(this.state, state, tone[state]);
       let note = "";
       if (b.ejected) note = Math.ceil(num(b.ejected_for_s)) + " s left";
       if (b.ejected && state !== "ejected") note = "ejected, " + note;
-      if (state === "available" && b.available === false) note = "held (Retry-After)";
+      if (state === "held") note = "Retry-After, " + Math.ceil(num(b.held_for_s)) + " s left";
       setText(this.stateNote, note);
       this.row.classList.toggle("row-drained", state === "drained");
 
