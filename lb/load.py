@@ -128,10 +128,12 @@ class Attempt:
             if pool_load.full and backend in pool_load.full and backend.has_room:
                 pool_load.full.discard(backend)
         status = self._status
+        if status is None and abandoned:
+            return  # the client went away before any answer: says nothing about the backend
         backend.responses_by_class[0 if status is None else min(status // 100, 5)] += 1
         backend.latency.observe(self._clock() - self._started_s)
-        if abandoned and not (status is not None and is_failure_status(status)):
-            return  # the client went away: says nothing about the backend
+        if abandoned and not is_failure_status(status or 0):
+            return  # the client went away mid-answer: says nothing about the backend
         if failed or status is None or is_failure_status(status):
             backend.failures_total += 1
             backend.consecutive_failures += 1

@@ -202,6 +202,20 @@ def test_abandoned_attempt_counts_neither_failure_nor_success() -> None:
     assert backend.rtt_estimate_s == before
 
 
+def test_an_attempt_the_client_left_before_any_answer_is_no_response_of_the_backend() -> None:
+    """Class ``none`` of a backend's responses means it gave no answer (refused, reset, timed
+    out): a client that left first is not counted there, nor in its latency histogram, so the
+    dashboard's error rate does not blame the backend for hang-ups."""
+    backend = make_backend()
+    guard = attempt(backend, FakeClock())
+    guard.finish(abandoned=True)
+    assert backend.responses_by_class == [0, 0, 0, 0, 0, 0]
+    assert sum(backend.latency.counts) == 0
+    failed = attempt(backend, FakeClock())
+    failed.finish(failed=True)
+    assert backend.responses_by_class == [1, 0, 0, 0, 0, 0]
+
+
 def test_abandoned_after_a_good_status_does_not_reset_the_failure_run() -> None:
     """A client leaving mid-body after a 200 neither counts a failure nor clears the run."""
     backend = make_backend()
