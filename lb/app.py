@@ -179,6 +179,7 @@ class App:
                 reloads=lambda: self.reloads,
                 mirror_skipped=lambda: proxy.mirrors.skipped if proxy.mirrors else {},
                 route_responses=lambda: proxy.route_responses,
+                error_responses=lambda: proxy.error_responses,
             )
         )
         self._admin = web.AppRunner(

@@ -91,6 +91,10 @@ class Handler(Protocol):
 
     def handle(self, conn: ClientConnection, req: IncomingRequest) -> Coroutine[Any, Any, None]: ...
 
+    def error_answered(self, req: IncomingRequest | None, err: ProxyError) -> None:
+        """Told of every error answer the proxy makes (``req`` None: input refused before
+        it was a request the handler saw)."""
+
 
 class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests, runs them through the handler in order."""
@@ -608,6 +612,7 @@ class ClientConnection(asyncio.Protocol):
             return
         keep_ok = err.status in (401, 404, 429, 502, 503, 504)
         self.answer(req, err.status, error_body(err), extra=err.headers, keep_ok=keep_ok)
+        self.handler.error_answered(req, err)
 
     def answer(
         self,

@@ -122,6 +122,7 @@ class ProxyCollector(Collector):
         load_reports: Callable[[], Mapping[str, LoadReporter]] = dict,
         mirror_skipped: Callable[[], Mapping[str, int]] = dict,
         route_responses: Callable[[], Mapping[str, list[int]]] = dict,
+        error_responses: Callable[[], Mapping[tuple[int, str], int]] = dict,
     ) -> None:
         self._pools = pools
         self._client_connections = client_connections
@@ -130,6 +131,7 @@ class ProxyCollector(Collector):
         self._load_reports = load_reports
         self._mirror_skipped = mirror_skipped
         self._route_responses = route_responses
+        self._error_responses = error_responses
 
     def collect(self) -> Iterable[Metric]:
         pools = self._pools()
@@ -144,6 +146,14 @@ class ProxyCollector(Collector):
         for route, counts in self._route_responses().items():
             for cls, count in zip(CODE_CLASSES, counts, strict=True):
                 by_route.add_metric([route, cls], count)
+        errors = CounterMetricFamily(
+            "lb_error_responses",
+            "Error answers the proxy made itself, by status and type, at any stage: malformed "
+            "or refused requests, missing keys, no route, no backend, upstream failures.",
+            labels=["status", "type"],
+        )
+        for (status, kind), count in sorted(self._error_responses().items()):
+            errors.add_metric([str(status), kind], count)
         duration = HistogramMetricFamily(
             "lb_request_duration_seconds",
             "Time from request headers to the end of the response, by pool.",
@@ -221,8 +231,8 @@ class ProxyCollector(Collector):
         info = GaugeMetricFamily("lb_build_info", "Build information.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield from (
-            requests, by_route, duration, ttfb, disconnects, responses, in_flight, rtt, healthy,
-            weight, connects, connect_failures, idle, clients, info,
+            requests, by_route, errors, duration, ttfb, disconnects, responses, in_flight, rtt,
+            healthy, weight, connects, connect_failures, idle, clients, info,
         )  # fmt: skip
         yield from resilience.families()
         yield from _inference_families(pools)

@@ -76,6 +76,8 @@ class Proxy:
         self.idle = asyncio.Event()  # set while draining once no request is in flight
         # Responses by route name and status class; kept across reloads (counters only grow).
         self.route_responses: dict[str, list[int]] = {}
+        # Error answers the proxy made itself, by (status, type): a bounded set of pairs.
+        self.error_responses: dict[tuple[int, str], int] = {}
         # (header, strategy, why) -> ("strategy: why", its header line); see _pick.
         self._decisions: dict[tuple[bytes, str, str], tuple[str, bytes]] = {}
 
@@ -153,23 +155,33 @@ class Proxy:
             if not self.active_requests and self.draining:
                 self.idle.set()
             duration_s = time.monotonic() - req.started_s
+            code_class = min(req.status // 100, 5)
+            route_name = req.route
+            if route_name is not None:
+                by_route = self.route_responses.get(route_name)
+                if by_route is None:
+                    by_route = self.route_responses[route_name] = [0] * 6
+                by_route[code_class] += 1
             if pool is not None:
                 stats = pool.stats
                 stats.inference.count_model(self._model_of(req, info))
-                code_class = min(req.status // 100, 5)
                 stats.responses_by_class[code_class] += 1
-                route_name = req.route
-                if route_name is not None:
-                    by_route = self.route_responses.get(route_name)
-                    if by_route is None:
-                        by_route = self.route_responses[route_name] = [0] * 6
-                    by_route[code_class] += 1
                 stats.duration.observe(duration_s)
                 if req.ttfb_s >= 0.0:
                     stats.ttfb.observe(req.ttfb_s)
             if self.access_log.wants(req.status):
                 self._log_access(req, pool, outcome, duration_s)
             client.request_done(req)
+
+    def error_answered(self, req: IncomingRequest | None, err: ProxyError) -> None:
+        """Count an error answer; one made before any request was read (malformed input,
+        a head too large) also gets its access-log line, which no handler wrote."""
+        key = (err.status, err.type)
+        self.error_responses[key] = self.error_responses.get(key, 0) + 1
+        if req is None and self.access_log.wants(err.status):
+            self.access_log.log_request(
+                "", "", "", None, None, None, err.status, 0, 0, 0, 0.0, 0.0, err.type
+            )
 
     @staticmethod
     def _model_of(req: IncomingRequest, info: RequestInfo | None) -> str | None:

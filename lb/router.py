@@ -90,6 +90,7 @@ class Router:
             except Unauthorized as exc:
                 error = exc
         assert error is not None
+        req.route = guarded[0].name  # refused there: counted and logged under that route
         raise error
 
     def needs_model(self, req: IncomingRequest) -> bool:

@@ -120,6 +120,40 @@ async def test_an_unrouted_request_is_logged_as_no_route(backends, start_proxy):
     assert line["bytes_out"] > 0
 
 
+async def test_a_request_refused_before_it_was_read_is_logged_with_its_status(
+    backends, start_proxy
+):
+    """Malformed input answered 400 never reaches a handler, but still gets its line, with
+    the status and the error type as the outcome (HAProxy's ``<BADREQ>``)."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    buf = _capture(app)
+    raw = await raw_exchange(app.port, b"GET /a b c HTTP/1.1\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    (line,) = _lines(app, buf)
+    assert set(line) == FIELDS
+    assert (line["status"], line["outcome"], line["pool"], line["attempts"]) == (
+        400,
+        "bad_request",
+        None,
+        0,
+    )
+
+
+async def test_a_request_refused_for_its_key_is_logged_under_the_route_that_asked(
+    backends, start_proxy
+):
+    """A 401 names the route whose key was missing, as the metrics count it."""
+    (b0,) = await backends(1)
+    routes = [{"path_prefix": "/", "pool": "chat", "name": "keyed", "auth": {"api_keys": ["k"]}}]
+    app = await start_proxy(proxy_config([pool("chat", [b0])], routes=routes))
+    buf = _capture(app)
+    async with aiohttp.ClientSession() as s, s.get(url(app, "/x")) as resp:
+        assert resp.status == 401
+    (line,) = _lines(app, buf)
+    assert (line["status"], line["route"], line["outcome"]) == (401, "keyed", "unauthorized")
+
+
 async def test_the_route_is_logged_by_its_name_or_its_index(backends, start_proxy):
     """A named route is logged under its name, an unnamed one as route-<index>."""
     (b0,) = await backends(1)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from lb.downstream import _VALID_HOSTS, MAX_VALID_HOSTS, ClientConnection, _valid_host
+from lb.errors import ProxyError
 from lb.request import IncomingRequest, ListenerLimits
 from lb.timers import TimerWheel
 
@@ -33,9 +34,13 @@ class RecordingHandler:
         self.paths: list[bytes] = []
         self.behaviour: Callable[[ClientConnection, IncomingRequest], bool] | None = None
         self.hold: asyncio.Future[None] | None = None  # awaited before answering, when set
+        self.errors: list[str] = []  # types of the error answers, in order
 
     def handle(self, conn: ClientConnection, req: IncomingRequest) -> Coroutine[Any, Any, None]:
         return self._handle(conn, req)
+
+    def error_answered(self, req: IncomingRequest | None, err: ProxyError) -> None:
+        self.errors.append(err.type)
 
     async def _handle(self, conn: ClientConnection, req: IncomingRequest) -> None:
         self.tasks.append(asyncio.current_task())

@@ -23,7 +23,7 @@ import lb
 from lb.app import App
 from lb.config import load_config
 from lb.metrics import CODE_CLASSES
-from tests.conftest import free_port, pool, proxy_config, url
+from tests.conftest import free_port, pool, proxy_config, raw_exchange, url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -307,6 +307,44 @@ async def test_a_connect_that_fails_counts_as_a_failure_not_as_a_connection_open
     assert failures == refused
     assert value(text, "lb_upstream_connections_opened_total", pool="chat", backend="dead") == 0
     assert value(text, "lb_upstream_connections_opened_total", pool="chat", backend=live.name) == 1
+
+
+async def test_error_answers_are_counted_at_every_stage_and_refused_keys_by_route(
+    backends, start_proxy
+):
+    """Requests refused before any pool is chosen are counted too: a malformed request line
+    and a head over the limit (never a request the handler saw), a path no route takes, and
+    a missing key, which also counts under the route that asked for it."""
+    (b0,) = await backends(1)
+    routes = [
+        {"path_prefix": "/secure/", "pool": "chat", "name": "keyed", "auth": {"api_keys": ["k1"]}}
+    ]
+    app = await start_proxy(
+        proxy_config([pool("chat", [b0])], routes=routes, limits={"max_header_bytes": 4096})
+    )
+    assert (await raw_exchange(app.port, b"GET /a b c HTTP/1.1\r\n\r\n")).startswith(
+        b"HTTP/1.1 400 "
+    )
+    huge = b"GET /secure/x HTTP/1.1\r\nhost: lb\r\nx-big: " + b"a" * 8000 + b"\r\n\r\n"
+    assert (await raw_exchange(app.port, huge)).startswith(b"HTTP/1.1 431 ")
+    async with aiohttp.ClientSession() as s:
+        for path, status in (("/nowhere", 404), ("/secure/x", 401), ("/secure/y", 401)):
+            async with s.get(url(app, path)) as resp:
+                assert resp.status == status
+        text = await scrape(s, app)
+    errors = {
+        (dict(labels)["status"], dict(labels)["type"]): v
+        for (name, labels), v in series(text).items()
+        if name == "lb_error_responses_total"
+    }
+    assert errors == {
+        ("400", "bad_request"): 1,
+        ("431", "headers_too_large"): 1,
+        ("404", "no_route"): 1,
+        ("401", "unauthorized"): 2,
+    }
+    assert value(text, "lb_route_requests_total", route="keyed", code_class="4xx") == 2
+    assert b0.hits == 0
 
 
 async def test_a_scrape_counts_requests_by_route_name_and_status_class(backends, start_proxy):
