@@ -152,11 +152,17 @@ class InferenceStats:
         self.streams = 0
         self.requests_by_model: dict[str, int] = {}
 
-    def count_model(self, model: str | None) -> None:
+    def count_model(self, model: str | None, *, served: bool = True) -> None:
+        """Count one request under its model's label. A name gets a label of its own only
+        once a request for it was ``served`` (a 2xx): names no server knows (404s) cannot
+        take the bounded label set from real models; until then they count as ``other``."""
         label = model if model is not None else "unknown"
         counts = self.requests_by_model
         if label in counts:  # the common case: a model seen before
             counts[label] += 1
+            return
+        if not served and model is not None:
+            counts["other"] = counts.get("other", 0) + 1
             return
         # A JSON body may name a model with a lone surrogate ("\ud800"), which no UTF-8 text
         # can hold: as a label it would make every later /metrics scrape fail.

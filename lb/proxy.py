@@ -164,7 +164,9 @@ class Proxy:
                 by_route[code_class] += 1
             if pool is not None:
                 stats = pool.stats
-                stats.inference.count_model(self._model_of(req, info))
+                stats.inference.count_model(
+                    self._model_of(req, info), served=200 <= req.status < 300
+                )
                 stats.responses_by_class[code_class] += 1
                 stats.duration.observe(duration_s)
                 if req.ttfb_s >= 0.0:

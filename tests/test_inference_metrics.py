@@ -243,6 +243,18 @@ async def test_a_flood_of_model_names_keeps_the_model_label_bounded(sims, start_
     assert labels.get("other", 0) >= 100 - 64
 
 
+def test_a_model_name_gets_a_label_only_once_a_request_for_it_was_served() -> None:
+    """Names the servers answer 404 (typos, probes, junk) count as ``other`` and take no
+    label; a served model keeps its label for every later request, failed ones included."""
+    stats = InferenceStats()
+    for i in range(MAX_MODELS + 5):
+        stats.count_model(f"junk-{i}", served=False)
+    stats.count_model("llama", served=True)
+    stats.count_model("llama", served=False)
+    stats.count_model(None, served=False)
+    assert stats.requests_by_model == {"other": MAX_MODELS + 5, "llama": 2, "unknown": 1}
+
+
 def test_a_model_name_longer_than_any_real_one_is_counted_as_other() -> None:
     """A body may name a "model" as long as the body itself: as a label it would ride on
     every scrape, so it is counted under ``other``; a name at the limit keeps its label."""
