@@ -71,6 +71,13 @@ async def _bind_named(key: str, host: str, port: int, binding: Awaitable[None]) 
         raise OSError(exc.errno, f"{key} {host_port(host, port)}: {reason}") from None
 
 
+def _served_pools(proxy: Proxy) -> dict[str, Pool]:
+    """The pools that answer clients, in file order: the ones GET /v1/models speaks for (a
+    pool no route reaches, or only a mirror's shadow, would list models that then 404)."""
+    reached = proxy.router.pools_reached()
+    return {name: pool for name, pool in proxy.pools.items() if name in reached}
+
+
 class App:
     """A running proxy: the data-plane listener, the admin listener and their state.
 
@@ -196,7 +203,7 @@ class App:
         assert proxy is not None
         configured = configured_models(config)
         if proxy.models is None:
-            proxy.models = ModelsEndpoint(configured, lambda: proxy.pools)
+            proxy.models = ModelsEndpoint(configured, lambda: _served_pools(proxy))
         else:
             proxy.models.configured = configured
         if proxy.mirrors is None and any(r.mirror is not None for r in config.routes):

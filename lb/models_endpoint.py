@@ -2,8 +2,9 @@
 
 A pool's models come from its configuration (``models``, and the ``model`` matchers of the
 routes to it); for a pool that names none, from its backends' own ``/v1/models``, asked of
-one available backend and cached for ``CACHE_S``. ``GET /v1/models/{id}`` answers one model of
-that union, or 404 in OpenAI's shape.
+available backends in turn until one answers, and cached for ``CACHE_S`` (``FAILED_CACHE_S``
+when none answered). Only pools a route reaches are listed. ``GET /v1/models/{id}`` answers
+one model of that union, or 404 in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from lb.tls import aiohttp_tls
 log = logging.getLogger("lb.models")
 
 CACHE_S = 30.0
+# A pool none of whose backends answered is asked again sooner.
+FAILED_CACHE_S = 5.0
 FETCH_TIMEOUT_S = 2.0
+# Backends asked in turn, until one answers.
+MAX_ASKED = 4
 
 
 def _model(model: str, pool: str, created: int) -> dict[str, object]:
@@ -74,16 +79,19 @@ class ModelsEndpoint:
     async def _discover(self, pool: Pool) -> list[str]:
         cached = self._cache.get(pool.name)
         now = time.monotonic()
-        if cached is not None and now - cached[0] < CACHE_S:
+        if cached is not None and now < cached[0]:
             return cached[1]
-        models: list[str] = []
-        for backend in pool.eligible[:2]:
+        models: list[str] | None = None
+        for backend in pool.eligible[:MAX_ASKED]:
             try:
                 models = await self._fetch(backend)
                 break
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
                 log.debug("pool=%s backend=%s /v1/models failed: %s", pool.name, backend.name, exc)
-        self._cache[pool.name] = (now, models)
+        if models is None:
+            self._cache[pool.name] = (now + FAILED_CACHE_S, [])
+            return []
+        self._cache[pool.name] = (now + CACHE_S, models)
         return models
 
     async def _fetch(self, backend: Backend) -> list[str]:

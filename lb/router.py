@@ -75,6 +75,17 @@ class Router:
         self.model_routes = any(r.models is not None for r in self.routes)
         self.any_auth = any(r.auth is not None for r in self.routes)
 
+    def pools_reached(self) -> frozenset[str]:
+        """Names of the pools a request can be routed to (split sides included; a mirror's
+        shadow pool, which answers no client, is not)."""
+        if not self.routes:
+            return frozenset((self.default.pool.name,))
+        names = set()
+        for route in self.routes:
+            names.add(route.pool.name)
+            names.update(pool.name for pool, _ in route.split)
+        return frozenset(names)
+
     def authorize_early(self, req: IncomingRequest) -> None:
         """Before reading a body or answering for the proxy: if every route that could take
         ``req`` requires an API key, one of them must accept it (raises ``Unauthorized``)."""

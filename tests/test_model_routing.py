@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from backends.sim import SimServer, start_sim
-from tests.conftest import pool, proxy_config, url
+from tests.conftest import free_port, pool, proxy_config, url
 
 CHAT = "/v1/chat/completions"
 FAST: dict[str, Any] = {"decode_ms": 1, "ttft_ms": 1, "max_batch": 64}
@@ -246,9 +246,11 @@ async def test_v1_models_lists_the_configured_pool_models_and_route_matchers(bac
 async def test_v1_models_asks_the_backends_of_a_pool_that_names_no_models(sim, start_proxy):
     """Pools without configured models contribute what their backends' ``/v1/models`` say."""
     llama, qwen, phi = await sim("llama"), await sim("qwen"), await sim("phi")
+    routes = [{"path_prefix": "/q/", "pool": "q"}, {"path_prefix": "/p/", "pool": "p"}]
     app = await start_proxy(
         proxy_config(
             [pool("a", [llama], models=["llama"]), pool("q", [qwen]), pool("p", [phi])],
+            routes=[*routes, {"path_prefix": "/", "pool": "a"}],
         )
     )
     async with aiohttp.ClientSession() as s:
@@ -270,11 +272,53 @@ async def test_v1_models_is_the_union_of_the_backends_lists_when_no_model_is_con
     """With no model named anywhere in the configuration, the proxy still answers
     ``/v1/models``: every pool's backends are asked, and the answer is their union."""
     qwen, phi = await sim("qwen"), await sim("phi")
-    app = await start_proxy(proxy_config([pool("q", [qwen]), pool("p", [phi])]))
+    routes = [{"path_prefix": "/q/", "pool": "q"}, {"path_prefix": "/", "pool": "p"}]
+    app = await start_proxy(proxy_config([pool("q", [qwen]), pool("p", [phi])], routes=routes))
     async with aiohttp.ClientSession() as s:
         status, got = await list_models(s, app)
     assert status == 200
     assert {m["id"]: m["owned_by"] for m in got["data"]} == {"qwen": "lb:q", "phi": "lb:p"}
+
+
+async def test_v1_models_leaves_out_pools_no_route_reaches(sim, start_proxy):
+    """A pool no route sends to (here a mirror's shadow, and one named by nothing) answers
+    no client: its models are not listed, where they would only 404 or go elsewhere."""
+    llama, qwen, phi = await sim("llama"), await sim("qwen"), await sim("phi")
+    routes = [{"path_prefix": "/", "pool": "a", "mirror": {"pool": "shadow", "percent": 10}}]
+    app = await start_proxy(
+        proxy_config(
+            [
+                pool("a", [llama], models=["llama"]),
+                pool("shadow", [qwen], models=["qwen"]),
+                pool("orphan", [phi]),
+            ],
+            routes=routes,
+        )
+    )
+    async with aiohttp.ClientSession() as s:
+        status, got = await list_models(s, app)
+        async with s.get(url(app, "/v1/models/qwen")) as resp:
+            assert resp.status == 404
+    assert status == 200
+    assert [m["id"] for m in got["data"]] == ["llama"]
+    assert phi.requests_by_path["/v1/models"] == 0
+
+
+async def test_v1_models_asks_past_backends_that_do_not_answer(sim, start_proxy):
+    """Discovery asks the pool's backends in turn: two that refuse connections do not hide
+    the model the third serves."""
+    qwen = await sim("qwen")
+    dead = [{"url": f"http://127.0.0.1:{free_port()}", "name": f"dead{i}"} for i in range(2)]
+    entry = {
+        "name": "q",
+        "backends": [*dead, {"url": qwen.url, "name": "live"}],
+        "health_check": {"enabled": False},
+    }
+    app = await start_proxy(proxy_config([entry]))
+    async with aiohttp.ClientSession() as s:
+        status, got = await list_models(s, app)
+    assert status == 200
+    assert [m["id"] for m in got["data"]] == ["qwen"]
 
 
 async def test_one_model_is_retrieved_by_its_id_and_an_unknown_one_is_an_openai_404(
