@@ -47,17 +47,22 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+def _message_lines(messages: list[Any]) -> list[str]:
+    lines = []
+    for message in messages:
+        if isinstance(message, dict):
+            role = message.get("role")
+            role = role if isinstance(role, str) else ""
+            lines.append(f"{role}: {_content_text(message.get('content'))}")
+    return lines
+
+
 def prompt_text(body: dict[str, Any]) -> str | None:
-    """The prompt of a chat (all messages, in order) or a completion request."""
+    """The prompt of a chat (all messages, in order), a completion, a Responses API request
+    (its ``instructions``, then its ``input`` text or messages) or an embeddings request."""
     messages = body.get("messages")
     if isinstance(messages, list):
-        lines = []
-        for message in messages:
-            if isinstance(message, dict):
-                role = message.get("role")
-                role = role if isinstance(role, str) else ""
-                lines.append(f"{role}: {_content_text(message.get('content'))}")
-        return "\n".join(lines)
+        return "\n".join(_message_lines(messages))
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return prompt
@@ -65,10 +70,17 @@ def prompt_text(body: dict[str, Any]) -> str | None:
         return "\n".join(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
         return " ".join(str(t) for t in prompt)  # token ids: still prefix-stable
-    text = body.get("input")  # embeddings
+    text = body.get("input")  # the Responses API, embeddings
+    instructions = body.get("instructions")
+    lines = [f"system: {instructions}"] if isinstance(instructions, str) else []
     if isinstance(text, str):
-        return text
-    return None
+        lines.append(text)
+    elif isinstance(text, list) and text:
+        if all(isinstance(t, str) for t in text):
+            lines.extend(text)  # several texts to embed
+        else:
+            lines.extend(_message_lines(text))  # a Responses API conversation
+    return "\n".join(lines) if lines else None
 
 
 def _digits(text: str) -> int | str:

@@ -73,6 +73,28 @@ def test_an_embeddings_input_string_is_the_prompt() -> None:
     assert fields.model == "embed"
 
 
+def test_a_responses_api_prompt_is_its_instructions_then_its_input_messages() -> None:
+    """The Responses API's ``instructions`` are its system prompt, and ``input`` may be a
+    list of messages with text parts: both make the prompt, in that order."""
+    fields = parse_body(
+        body(
+            model="m",
+            instructions="Be brief.",
+            input=[
+                {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hello!"},
+            ],
+        )
+    )
+    assert fields.prompt == "system: Be brief.\nuser: Hi\nassistant: Hello!"
+    assert parse_body(body(model="m", input="Hi", instructions="S")).prompt == "system: S\nHi"
+
+
+def test_an_embeddings_input_list_of_texts_is_the_texts_by_lines() -> None:
+    """Several texts to embed at once make one prompt, one per line."""
+    assert parse_body(body(model="e", input=["one", "two"])).prompt == "one\ntwo"
+
+
 def test_model_user_and_stream_are_extracted() -> None:
     """``model``, ``user`` and ``stream: true`` are read from the body."""
     fields = parse_body(body(model="llama", user="alice", stream=True, prompt="x"))
