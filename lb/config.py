@@ -205,6 +205,21 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
                 )
             by_url.setdefault(address, j)
             by_name.setdefault(name, j)
+        age = pool.strategy_options.get("max_age_s")
+        report = pool.load_report
+        if (
+            report.enabled
+            and isinstance(age, int | float)
+            and not isinstance(age, bool)
+            and 0 < age <= report.interval_s
+        ):
+            problems.append(
+                (
+                    f"pools[{i}].strategy_options.max_age_s",
+                    f"{age:g} is not longer than load_report.interval_s ({report.interval_s:g}): "
+                    "reports would go stale between scrapes",
+                )
+            )
         if pool.tls is not None and not any(
             b.url.lower().startswith("https://") for b in pool.backends
         ):

@@ -585,3 +585,17 @@ def test_a_least_loaded_shadow_strategy_needs_load_reports(tmp_path: Path) -> No
     error = load_error(tmp_path, ONE_POOL + "    shadow_strategy: least_loaded\n")
     assert error.key == "pools[0].load_report.enabled"
     assert "shadow_strategy" in error.reason
+
+
+def test_a_strategy_freshness_window_shorter_than_the_scrape_interval_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """As for load_report.max_age_s: reports would be stale between every two scrapes."""
+    text = ONE_POOL + (
+        "    strategy: cache_aware\n"
+        "    strategy_options: {max_age_s: 0.1}\n"
+        "    load_report: {enabled: true, interval_s: 0.25}\n"
+    )
+    error = load_error(tmp_path, text)
+    assert error.key == "pools[0].strategy_options.max_age_s"
+    assert "not longer than load_report.interval_s (0.25)" in error.reason
