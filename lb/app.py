@@ -251,7 +251,8 @@ class App:
             self.reloads.failed += 1
             self.last_reload_error = str(exc)
             for line in str(exc).splitlines():
-                log.error("reload refused, keeping the running config: %s", line)
+                log.error("reload refused, keeping the running config: %s", line,
+                          extra={"event": "reload_refused", "source": self.source})  # fmt: skip
             return False
         old_pools, old_checkers = proxy.pools, self.health_checkers
         old_reporters = self.load_reporters
@@ -283,11 +284,18 @@ class App:
             await checker.stop()
         for reporter in old_reporters.values():
             await reporter.stop()
+        backends = sum(len(p.backends) for p in pools.values())
         log.info(
             "config reloaded from %s: %d pools, %d backends",
             self.source,
             len(pools),
-            sum(len(p.backends) for p in pools.values()),
+            backends,
+            extra={
+                "event": "reloaded",
+                "source": self.source,
+                "pools": len(pools),
+                "backends": backends,
+            },
         )
         return True
 

@@ -212,7 +212,10 @@ class HealthChecker:
             verdict = "healthy" if state.healthy else "unhealthy"
             level = logging.INFO if state.healthy else logging.WARNING
             log.log(level, "health: pool=%s backend=%s is now %s (%s)",
-                    self.pool_name, backend.name, verdict, reason)  # fmt: skip
+                    self.pool_name, backend.name, verdict, reason,
+                    extra={"event": "health_changed", "pool": self.pool_name,
+                           "backend": backend.name, "state": verdict,
+                           "reason": reason})  # fmt: skip
             try:
                 self.listener.health_changed(backend, state.healthy)
             except Exception:

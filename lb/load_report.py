@@ -379,7 +379,9 @@ class LoadReporter:
         if "failing" in stats.warned:
             stats.warned.discard("failing")
             log.info("load report: pool=%s backend=%s scrapes succeed again",
-                     self.pool_name, backend.name)  # fmt: skip
+                     self.pool_name, backend.name,
+                     extra={"event": "load_report_recovered", "pool": self.pool_name,
+                            "backend": backend.name})  # fmt: skip
 
     def _failed(self, backend: Backend, stats: ScrapeStats, reason: str) -> None:
         stats.failed_total += 1
@@ -389,7 +391,9 @@ class LoadReporter:
             stats.warned.add("failing")
             log.warning("load report: pool=%s backend=%s scrape failed: %s; its report goes "
                         "stale after %gs", self.pool_name, backend.name, reason,
-                        self.config.max_age_s)  # fmt: skip
+                        self.config.max_age_s,
+                        extra={"event": "load_report_failing", "pool": self.pool_name,
+                               "backend": backend.name, "reason": reason})  # fmt: skip
         else:
             log.debug("load report: pool=%s backend=%s scrape failed: %s",
                       self.pool_name, backend.name, reason)  # fmt: skip

@@ -187,6 +187,12 @@ class Pool:
                 "entering" if panicking else "leaving",
                 len(available_set),
                 len(serving),
+                extra={
+                    "event": "panic_entered" if panicking else "panic_left",
+                    "pool": self.name,
+                    "available": len(available_set),
+                    "backends": len(serving),
+                },
             )
         self.panicking = panicking
         eligible = serving if panicking else available_set
@@ -250,12 +256,20 @@ class Pool:
         if observed and outliers is not None and outliers.enabled:
             now = self.clock()
             if outliers.observe(backend, failed, now, len(self.backends), self.ejected_count):
+                ejected_s = backend.ejected_until_s - now
                 log.warning(
                     "pool=%s backend=%s ejected for %.1fs after %d failures in a row",
                     self.name,
                     backend.name,
-                    backend.ejected_until_s - now,
+                    ejected_s,
                     outliers.threshold,
+                    extra={
+                        "event": "ejected",
+                        "pool": self.name,
+                        "backend": backend.name,
+                        "for_s": round(ejected_s, 3),
+                        "failures": outliers.threshold,
+                    },
                 )
                 self.refresh()
         queue = self.queue
@@ -281,7 +295,9 @@ class Pool:
             # backend's streak, so the next one lasts longer if real traffic keeps failing.
             backend.ejected_until_s = now
             log.info("pool=%s backend=%s back from ejection: health check passed",
-                     self.name, backend.name)  # fmt: skip
+                     self.name, backend.name,
+                     extra={"event": "ejection_ended", "pool": self.name,
+                            "backend": backend.name})  # fmt: skip
             self.refresh()
 
     def _sum_weights(self) -> None:

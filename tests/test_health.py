@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ from aiohttp import web
 from lb.backend import Backend
 from lb.config_resilience import HealthCheck
 from lb.health import HealthChecker, HealthState, next_probe_delay_s
+from lb.logs import JsonFormatter
 
 # Small intervals keep the suite fast; every wait below is bounded by WAIT_S.
 FAST: dict[str, Any] = {"interval_s": 0.05, "transition_interval_s": 0.02, "timeout_s": 0.2}
@@ -397,6 +399,16 @@ async def test_a_flip_is_logged_once_at_warning_going_down_and_info_coming_back(
         (logging.WARNING, "health: pool=p backend=b0 is now unhealthy (status 503)"),
         (logging.INFO, "health: pool=p backend=b0 is now healthy (status 200)"),
     ]
+    # The same facts as fields, for a log pipeline to filter on (JsonFormatter writes them).
+    fields = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    assert [
+        {k: f[k] for k in ("event", "pool", "backend", "state", "reason")} for f in fields
+    ] == [
+        {"event": "health_changed", "pool": "p", "backend": "b0", "state": "unhealthy",
+         "reason": "status 503"},
+        {"event": "health_changed", "pool": "p", "backend": "b0", "state": "healthy",
+         "reason": "status 200"},
+    ]  # fmt: skip
 
 
 async def test_a_failing_listener_does_not_stop_the_probes(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -372,15 +373,20 @@ async def test_hold_ends_by_itself_in_a_running_loop() -> None:
 # -- ejection ---------------------------------------------------------------------------------
 
 
-def test_failures_reported_to_the_pool_eject_the_backend() -> None:
-    """consecutive_failures failed attempts take the backend out of eligible."""
+def test_failures_reported_to_the_pool_eject_the_backend(caplog: pytest.LogCaptureFixture) -> None:
+    """consecutive_failures failed attempts take the backend out of eligible; the warning
+    carries the event, pool and backend as fields."""
     backends = make_backends(3)
     pool = make_pool(backends, clock=FakeClock(), consecutive_failures=2)
     pool.attempt_ended(backends[0], failed=True)
     assert backends[0] in pool.eligible
-    pool.attempt_ended(backends[0], failed=True)
+    with caplog.at_level(logging.WARNING, logger="lb.pool"):
+        pool.attempt_ended(backends[0], failed=True)
     assert backends[0] not in pool.eligible
     assert pool.ejected_count() == 1
+    (record,) = caplog.records
+    fields = (record.event, record.pool, record.backend, record.failures)  # type: ignore[attr-defined]
+    assert fields == ("ejected", pool.name, backends[0].name, 2)
 
 
 def test_abandoned_attempts_do_not_count_towards_ejection() -> None:
