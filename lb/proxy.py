@@ -274,10 +274,10 @@ class Proxy:
                 backend = await self._choose_queued(req, pool, tried, info)
             tried.append(backend)
             # A retried status is read and dropped, so it is only swallowed when a retry is
-            # sure to be allowed; other failures are judged once they happen.
+            # sure to be allowed, the body included; other failures are judged once they happen.
             swallow = (
                 retries < policy.max_retries
-                and self._replayable(req, policy)
+                and self._replayable_after_sending(req, policy)
                 and pool.budget.allows(policy)
             )
             if retries:
@@ -291,7 +291,9 @@ class Proxy:
             if error is None:
                 return
             if isinstance(error, UpstreamStatus):
-                retryable = True
+                # Swallowed on the promise of a retry; a body of unknown length may still have
+                # outgrown what is kept, and then the proxy's own error says the status.
+                retryable = self._replayable(req, policy)
             else:
                 retryable = (
                     policy.retries_error(error)
@@ -321,6 +323,19 @@ class Proxy:
         """True if the request body can be sent again under ``policy``."""
         body = req.body
         return body.can_replay and (not body.sent_any or body.size <= policy.replay_max_bytes)
+
+    @staticmethod
+    def _replayable_after_sending(req: IncomingRequest, policy: RetryPolicy) -> bool:
+        """True unless the body, once an attempt sends it, is known not to be kept for
+        another: longer than ``replay_max_bytes`` or than the proxy holds. A chunked body
+        still arriving is judged again once it has been sent."""
+        body = req.body
+        if not body.can_replay:
+            return False
+        size = req.content_length
+        if size is None and body.complete:
+            size = body.size
+        return size is None or (size <= policy.replay_max_bytes and size <= body.replay_bytes)
 
     def _choose_now(
         self, req: IncomingRequest, pool: Pool, tried: list[Backend], info: RequestInfo

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import io
 import json
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from lb import native
 from lb.downstream import ClientConnection
@@ -221,6 +224,58 @@ async def test_a_body_too_large_to_read_for_a_prompt_key_is_forwarded_unkeyed(
         got = await resp.json()
     assert got["body_sha256"] == hashlib.sha256(body.encode()).hexdigest()
     assert b0.hits + b1.hits == 1
+
+
+@pytest.fixture
+async def body_readers() -> AsyncIterator[Callable[[int], Awaitable[tuple[str, list[int]]]]]:
+    """Factory: ``await body_readers(status)`` starts a backend that reads each request body
+    whole, records its length, and answers ``status``; gives its URL and the lengths."""
+    runners: list[web.AppRunner] = []
+
+    async def start(status: int) -> tuple[str, list[int]]:
+        lengths: list[int] = []
+
+        async def read_then_answer(request: web.Request) -> web.Response:
+            lengths.append(len(await request.read()))
+            return web.json_response({"read": lengths[-1]}, status=status)
+
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_route("*", "/{tail:.*}", read_then_answer)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}", lengths
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_a_503_to_a_body_too_large_to_keep_is_not_retried_without_its_body(
+    body_readers, start_proxy
+):
+    """A 2 MB body is past ``replay_max_bytes`` (1 MiB): it is not kept, so a 503 for it is
+    passed on, not retried on another backend with the head alone (which then waited for a
+    body that never came)."""
+    busy_url, busy_reads = await body_readers(503)
+    fine_url, fine_reads = await body_readers(200)
+    chat = {
+        "name": "chat",
+        "strategy": "round_robin",
+        "backends": [{"url": busy_url, "name": "busy"}, {"url": fine_url, "name": "fine"}],
+        "health_check": {"enabled": False},
+    }
+    app = await start_proxy(proxy_config([chat]))
+    body = b"x" * 2_000_000
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        statuses = []
+        for _ in range(2):  # round robin: one of the two starts on the busy backend
+            async with s.post(url(app, "/v1/chat"), data=io.BytesIO(body)) as resp:
+                statuses.append((resp.status, resp.headers.get("x-lb-backend")))
+                await resp.read()
+    assert sorted(statuses) == [(200, "fine"), (503, "busy")]
+    assert busy_reads == [len(body)] and fine_reads == [len(body)]
 
 
 async def test_a_backend_that_refuses_connections_gives_502_json(backends, start_proxy):
