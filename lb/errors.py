@@ -7,6 +7,7 @@ where they happen; everything above works with this short, flat hierarchy.
 from __future__ import annotations
 
 import json
+import math
 
 
 class ProxyError(Exception):
@@ -143,6 +144,11 @@ class UpstreamStatus(UpstreamError):
 class NoBackendAvailable(ProxyError):
     status = 503
     type = "no_backend_available"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after_s is not None:  # the backends asked for quiet until then
+            self.headers = [b"retry-after: %d\r\n" % max(math.ceil(retry_after_s), 1)]
 
 
 class UpstreamTimeout(UpstreamError):

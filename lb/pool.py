@@ -159,6 +159,7 @@ class Pool:
         self._ramping: dict[Backend, float] = {}  # backend -> slow start began (clock)
         self._ramp_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._ejected: set[Backend] = set()  # ejected here, their return not yet logged
         self.refresh()
 
     # -- eligibility ------------------------------------------------------------------------
@@ -177,6 +178,12 @@ class Pool:
             if available and not b.available:
                 self._begin_slow_start(b, now)
             b.available = available
+            if b in self._ejected and b.ejected_until_s <= now:
+                self._ejected.discard(b)
+                log.info("pool=%s backend=%s back from ejection: its time ran out",
+                         self.name, b.name,
+                         extra={"event": "ejection_ended", "pool": self.name,
+                                "backend": b.name, "reason": "expired"})  # fmt: skip
         available_set = tuple(b for b in self.backends if b.available)
         serving = tuple(b for b in self.backends if not b.drained)
         panicking = bool(serving) and len(available_set) < self.panic_threshold * len(serving)
@@ -195,7 +202,11 @@ class Pool:
                 },
             )
         self.panicking = panicking
-        eligible = serving if panicking else available_set
+        # Panic balances over backends that are down, but not over those that asked, with a
+        # Retry-After, to be left alone: they said they cannot take the work.
+        eligible = (
+            tuple(b for b in serving if b.held_until_s <= now) if panicking else available_set
+        )
         if eligible != self.eligible:
             self.eligible = eligible
             self._eligible_index = {b: i for i, b in enumerate(eligible)}
@@ -240,6 +251,15 @@ class Pool:
             return eligible
         return CandidateView(eligible, index, left_out)
 
+    def held_for_s(self) -> float | None:
+        """When every backend still serving is held by a Retry-After, seconds until the first
+        hold ends; otherwise None (something other than holds keeps them out)."""
+        now = self.clock()
+        serving = [b for b in self.backends if not b.drained]
+        if not serving or any(b.held_until_s <= now for b in serving):
+            return None
+        return min(b.held_until_s for b in serving) - now
+
     def ejected_count(self) -> int:
         now = self.clock()
         return sum(1 for b in self.backends if b.ejected_until_s > now)
@@ -271,6 +291,7 @@ class Pool:
                         "failures": outliers.threshold,
                     },
                 )
+                self._ejected.add(backend)
                 self.refresh()
         queue = self.queue
         if queue is not None and queue.waiters:
@@ -294,6 +315,7 @@ class Pool:
             # A passing active check ends an ejection early; the ejection still counts in the
             # backend's streak, so the next one lasts longer if real traffic keeps failing.
             backend.ejected_until_s = now
+            self._ejected.discard(backend)
             log.info("pool=%s backend=%s back from ejection: health check passed",
                      self.name, backend.name,
                      extra={"event": "ejection_ended", "pool": self.name,

@@ -305,14 +305,19 @@ class Proxy:
                 raise error
             if deadline is not None and loop.time() >= deadline:
                 raise error
-            retries += 1
-            pool.stats.count_retry(retry_reason(error))
-            delay = policy.backoff_s(retries, self.rng)
+            hold_s = 0.0
             if isinstance(error, UpstreamStatus) and error.retry_after_s is not None:
                 hold_s = min(error.retry_after_s, policy.retry_after_max_s)
                 pool.hold(backend, hold_s)
-                if not pool.candidates(tried):
-                    delay = max(delay, hold_s)  # nowhere else to go: wait as the backend asked
+                if not pool.eligible and hold_s > policy.backoff_max_s:
+                    # Every backend is held or out: the client gets the answer and its
+                    # Retry-After now, and waits itself, rather than inside the proxy.
+                    raise error
+            retries += 1
+            pool.stats.count_retry(retry_reason(error))
+            delay = policy.backoff_s(retries, self.rng)
+            if hold_s and not pool.eligible:
+                delay = max(delay, hold_s)  # a short hold, and nowhere else to go: wait it out
             if deadline is not None:
                 delay = min(delay, max(deadline - loop.time(), 0.0))
             if delay > 0:
@@ -359,7 +364,9 @@ class Proxy:
         woken = False
         while True:
             if queue is None or not pool.eligible:
-                raise NoBackendAvailable(f"no available backend in pool {pool.name}")
+                raise NoBackendAvailable(
+                    f"no available backend in pool {pool.name}", retry_after_s=pool.held_for_s()
+                )
             await queue.wait(front=woken)  # woken but beaten to the slot: first in line again
             woken = True
             candidates = pool.candidates(tried)

@@ -389,6 +389,24 @@ def test_failures_reported_to_the_pool_eject_the_backend(caplog: pytest.LogCaptu
     assert fields == ("ejected", pool.name, backends[0].name, 2)
 
 
+def test_the_end_of_an_ejection_by_its_time_running_out_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ejection's start is logged, and so is its end when its time runs out (not only
+    when a health check ends it early), once."""
+    clock = FakeClock()
+    backends = make_backends(3)
+    pool = make_pool(backends, clock=clock, consecutive_failures=1)
+    with caplog.at_level(logging.INFO, logger="lb.pool"):
+        pool.attempt_ended(backends[0], failed=True)
+        clock.advance(3600.0)
+        pool.refresh()
+        pool.refresh()
+    events = [(r.event, getattr(r, "reason", None)) for r in caplog.records]  # type: ignore[attr-defined]
+    assert events == [("ejected", None), ("ejection_ended", "expired")]
+    assert backends[0] in pool.eligible
+
+
 def test_abandoned_attempts_do_not_count_towards_ejection() -> None:
     """Attempts the client abandoned tell nothing about the backend and never eject it."""
     backends = make_backends(3)

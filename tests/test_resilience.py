@@ -710,3 +710,44 @@ async def test_a_503_with_retry_after_holds_its_backend_out_even_without_retries
                 assert resp.status == 200
                 served.append(resp.headers["x-lb-backend"])
     assert held not in served
+
+
+async def test_a_long_retry_after_from_the_last_backend_is_answered_at_once_not_waited_out(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """The only backend answers 503 with ``Retry-After: 30``: the client gets the 503 and the
+    Retry-After at once, to wait as it sees fit, instead of being held 30 s per retry."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])]))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url(app, "/status/503?retry_after=30")) as resp,
+    ):
+        assert (resp.status, resp.headers["retry-after"]) == (503, "30")
+    assert loop.time() - started < 5.0  # the old behaviour waited 2 x 30 s
+    assert b0.hits == 1
+
+
+async def test_when_every_backend_asked_for_quiet_panic_sends_them_nothing(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """Three backends each answer 503 with ``Retry-After: 20``. Panic mode (under half the
+    pool available) balances over backends that are down, but not over those that asked to be
+    left alone: later requests get a 503 with a Retry-After, and no backend a second hit."""
+    group = await backends(3)
+    app = await start_proxy(proxy_config([pool("chat", group)]))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url(app, "/status/503?retry_after=20")) as resp:
+            assert resp.status == 503
+        answers = []
+        for _ in range(3):
+            async with session.get(url(app, "/status/503?retry_after=20")) as resp:
+                body = await resp.json()
+                answers.append((resp.status, body["error"]["type"], resp.headers["retry-after"]))
+    assert [b.hits for b in group] == [1, 1, 1]
+    assert all(status == 503 and kind == "no_backend_available" for status, kind, _ in answers)
+    assert all(1 <= int(after) <= 20 for _, _, after in answers)
