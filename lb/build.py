@@ -58,6 +58,8 @@ def build_pools(
                 if pc.health_check.enabled and pc.health_check.initial_state == "unhealthy":
                     backend.healthy = False
                 fresh.append(backend)
+            if not pc.health_check.enabled:
+                backend.healthy = True  # no check will ever pass it again: a reload turned them off
             backend.weight = bc.weight
             backend.ssl_context = context if backend.scheme == "https" else None
             backend.server_name = pc.tls.server_name if pc.tls is not None else None

@@ -687,6 +687,28 @@ async def test_a_drained_backend_stays_drained_across_a_reload(backends, start_f
     assert await _served_by(app, 4) == {"b1": 2, "b2": 2}
 
 
+async def test_a_reload_turning_health_checks_off_brings_an_unhealthy_backend_back(
+    backends, start_from_file
+):
+    """Without active checks no probe will ever pass a backend again: a reload that turns
+    them off takes the backends as healthy (as Envoy does), not stuck out of the pool."""
+    b0, b1 = await backends(2)
+    checks = {"interval_s": 0.05, "unhealthy_threshold": 1, "jitter_percent": 0}
+    config = proxy_config([pool("chat", [b0, b1], health_check=checks)])
+    app, path = await start_from_file(config)
+    b0.healthy = False
+    for _ in range(200):  # bounded: 10 s
+        if not _backend(await _state(app), "chat", "b0")["healthy"]:
+            break
+        await asyncio.sleep(0.05)
+    assert not _backend(await _state(app), "chat", "b0")["healthy"]
+    off = proxy_config_with(config, pool("chat", [b0, b1], health_check={"enabled": False}))
+    path.write_text(yaml.safe_dump(off))
+    assert (await _post(app, "/api/v1/reload"))[0] == 200
+    assert _backend(await _state(app), "chat", "b0")["healthy"] is True
+    assert await _served_by(app, 4) == {"b0": 2, "b1": 2}
+
+
 INVALID_FILES: dict[str, Callable[[dict[str, Any]], str]] = {
     "bad YAML": lambda config: "pools: [\n",
     "route to a missing pool": lambda config: yaml.safe_dump(
