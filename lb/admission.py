@@ -85,6 +85,14 @@ class AdmissionQueue:
                 pass
         self.admitted += 1
 
+    def wake_all(self) -> None:
+        """Wake every waiter (the pool was replaced by a reload: they wait in the new one)."""
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
     def wake_one(self) -> None:
         """Give the turn to the longest waiter, if any."""
         waiters = self.waiters

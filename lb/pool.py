@@ -366,6 +366,8 @@ class Pool:
         they hold, which close when released.
         """
         self._closed = True
+        if self.queue is not None:
+            self.queue.wake_all()  # queued requests move to the pool that replaced this one
         for timer in (self._timer, self._ramp_timer):
             if timer is not None:
                 timer.cancel()
@@ -373,6 +375,11 @@ class Pool:
         for backend, upstream in self.upstreams.items():
             if backend not in keep:
                 upstream.close()
+
+    @property
+    def retired(self) -> bool:
+        """True once a reload replaced this pool (or it was closed)."""
+        return self._closed
 
     def close(self) -> None:
         """Stop timers and close idle upstream connections."""

@@ -269,9 +269,15 @@ class Proxy:
         tried: list[Backend] = []
         retries = 0
         while True:
+            if pool.retired:
+                # A reload replaced the pool while the request waited or was being tried:
+                # go on in its successor, where removed backends are no longer candidates.
+                pool = self.pools.get(pool.name, pool)
             backend = self._choose_now(req, pool, tried, info)
             if backend is None:
                 backend = await self._choose_queued(req, pool, tried, info)
+                if backend is None:
+                    continue  # the pool was replaced while the request queued
             tried.append(backend)
             # A retried status is read and dropped, so it is only swallowed when a retry is
             # sure to be allowed, the body included; other failures are judged once they happen.
@@ -358,11 +364,14 @@ class Proxy:
 
     async def _choose_queued(
         self, req: IncomingRequest, pool: Pool, tried: list[Backend], info: RequestInfo
-    ) -> Backend:
-        """Wait in the pool's queue until an eligible backend has room, then pick it."""
+    ) -> Backend | None:
+        """Wait in the pool's queue until an eligible backend has room, then pick it; None
+        when a reload replaced the pool meanwhile."""
         queue = pool.queue
         woken = False
         while True:
+            if pool.retired and pool.name in self.pools and self.pools[pool.name] is not pool:
+                return None
             if queue is None or not pool.eligible:
                 raise NoBackendAvailable(
                     f"no available backend in pool {pool.name}", retry_after_s=pool.held_for_s()

@@ -709,6 +709,42 @@ async def test_a_reload_turning_health_checks_off_brings_an_unhealthy_backend_ba
     assert await _served_by(app, 4) == {"b0": 2, "b1": 2}
 
 
+async def test_requests_queued_when_a_reload_replaces_the_backend_go_to_the_new_one(
+    backends, start_from_file
+):
+    """One slot, held by a stream; three requests queue for it. A reload swaps the backend
+    for another: the queued requests are served by the new one at once, and the removed one
+    gets nothing more than the stream it holds."""
+    old, new = await backends(2)
+    admission = {"max_concurrency": 1, "max_queue": 10, "queue_timeout_s": 10}
+    config = proxy_config([pool("chat", [old], admission=admission)])
+    app, path = await start_from_file(config)
+    async with aiohttp.ClientSession() as s:
+        holding = asyncio.create_task(_read(s, url(app, "/stream?hold=1&chunks=1")))
+        for _ in range(100):  # bounded: 5 s
+            if old.active:
+                break
+            await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(_read(s, url(app, f"/q{i}"))) for i in range(3)]
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in queued)
+        path.write_text(
+            yaml.safe_dump(proxy_config_with(config, pool("chat", [new], admission=admission)))
+        )
+        assert (await _post(app, "/api/v1/reload"))[0] == 200
+        served = await asyncio.wait_for(asyncio.gather(*queued), 5)
+        old.release.set()
+        await asyncio.wait_for(holding, 5)
+    assert served == [(200, "b1")] * 3
+    assert old.hits == 1
+
+
+async def _read(session: aiohttp.ClientSession, target: str) -> tuple[int, str]:
+    async with session.get(target) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("x-lb-backend", "")
+
+
 INVALID_FILES: dict[str, Callable[[dict[str, Any]], str]] = {
     "bad YAML": lambda config: "pools: [\n",
     "route to a missing pool": lambda config: yaml.safe_dump(
