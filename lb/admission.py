@@ -32,6 +32,7 @@ class AdmissionQueue:
         self.rejected_timeout = 0
         self.admitted = 0
         self.waits = Histogram()  # seconds each queued request waited, admitted or not
+        self.closed = False  # the proxy is shutting down: nobody waits any more
 
     def carry_counters(self, previous: AdmissionQueue) -> None:
         """Continue the counters of the queue this one replaces on a reload."""
@@ -51,6 +52,8 @@ class AdmissionQueue:
 
         ``front`` puts the request first in line: one that was woken but found its slot gone.
         """
+        if self.closed:
+            raise self._closing()
         if not front and len(self.waiters) >= self.max_queue:
             self.rejected_full += 1
             raise self._reject(f"all backends are busy and the queue is full ({self.max_queue})")
@@ -83,7 +86,17 @@ class AdmissionQueue:
                 self.waiters.remove(fut)
             except ValueError:
                 pass
+        if self.closed:
+            raise self._closing()
         self.admitted += 1
+
+    def close(self) -> None:
+        """The grace period is over: every request still waiting is answered 503 now."""
+        self.closed = True
+        self.wake_all()
+
+    def _closing(self) -> Rejected:
+        return Rejected("the proxy is shutting down", status=503, retry_after_s=self.retry_after_s)
 
     def wake_all(self) -> None:
         """Wake every waiter (the pool was replaced by a reload: they wait in the new one)."""

@@ -49,6 +49,9 @@ from lb.worker_link import AtomicLines, LinkError, WorkerLink, tag_log_lines
 
 log = logging.getLogger("lb")
 
+# When the grace period ends: time for queued requests to be answered 503 before the cut.
+QUEUE_ANSWER_S = 0.05
+
 # Young-generation threshold: allocations between collections (CPython's default is 700).
 GC_GEN0_THRESHOLD = 20_000
 
@@ -323,6 +326,14 @@ class App:
             await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
+        if proxy.active_requests:
+            queued = 0
+            for pool in proxy.pools.values():
+                if pool.queue is not None:
+                    queued += len(pool.queue)
+                    pool.queue.close()
+            if queued:  # they never reached a backend: a 503 each, written before the cut
+                await asyncio.sleep(QUEUE_ANSWER_S)
         if proxy.active_requests:
             log.warning("grace period over: cutting %d requests", proxy.active_requests)
         for conn in list(proxy.connections):

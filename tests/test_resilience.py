@@ -751,3 +751,35 @@ async def test_when_every_backend_asked_for_quiet_panic_sends_them_nothing(
     assert [b.hits for b in group] == [1, 1, 1]
     assert all(status == 503 and kind == "no_backend_available" for status, kind, _ in answers)
     assert all(1 <= int(after) <= 20 for _, _, after in answers)
+
+
+async def test_requests_still_queued_when_the_grace_period_ends_are_answered_503(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """A stream holds the only slot past the grace period, and is cut; the requests queued
+    behind it never reached a backend, and get a 503 with Retry-After, not an empty reply."""
+    (b0,) = await backends(1)
+    admission = {"max_concurrency": 1, "max_queue": 10, "queue_timeout_s": 30}
+    config = proxy_config([pool("chat", [b0], admission=admission)])
+    config["shutdown"] = {"grace_s": 0.3}
+    app = await start_proxy(config)
+
+    async def queued_answer(session: aiohttp.ClientSession, path: str) -> tuple[int, str, str]:
+        async with session.get(url(app, path)) as resp:
+            body = await resp.json()
+            return resp.status, body["error"]["type"], resp.headers.get("retry-after", "")
+
+    async with aiohttp.ClientSession() as session:
+        stream = await session.get(url(app, "/stream?hold=1&chunks=1"))
+        queued = [asyncio.create_task(queued_answer(session, f"/q{i}")) for i in range(3)]
+        for _ in range(100):  # bounded: 5 s
+            if len(app.proxy.pools["chat"].queue or ()) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert len(app.proxy.pools["chat"].queue or ()) == 3
+        await app.shutdown()
+        answers = await asyncio.wait_for(asyncio.gather(*queued), 5)
+        stream.close()
+    assert answers == [(503, "overloaded", "1")] * 3
+    assert b0.hits == 1
