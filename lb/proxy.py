@@ -52,6 +52,8 @@ log = logging.getLogger("lb.proxy")
 MAX_DECISION_TEXTS = 1024
 
 NO_STATUSES: Final[frozenset[int]] = frozenset()
+# Methods sending twice is harmless for (RFC 9110 section 9.2.2).
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class Proxy:
@@ -330,6 +332,14 @@ class Proxy:
                 await asyncio.sleep(delay)
 
     @staticmethod
+    def _may_resend(policy: RetryPolicy) -> bool:
+        """Whether the route lets a request the backend may have read be sent again: it
+        retries resets. A pooled connection that dies right after the request went out may
+        be one the backend closed as idle, or a backend that read the request and crashed;
+        only a request that is idempotent, or a policy that allows it, is replayed then."""
+        return policy.max_retries > 0 and "reset" in policy.conditions
+
+    @staticmethod
     def _replayable(req: IncomingRequest, policy: RetryPolicy) -> bool:
         """True if the request body can be sent again under ``policy``."""
         body = req.body
@@ -464,7 +474,12 @@ class Proxy:
                 status = exchange.status
                 if error is None and status >= 500:
                     self._passed_on_5xx(pool, req, backend, exchange, policy)
-                if error is not None and exchange.stale and req.body.can_replay:
+                if (
+                    error is not None
+                    and exchange.stale
+                    and req.body.can_replay
+                    and (req.method in IDEMPOTENT or self._may_resend(policy))
+                ):
                     conn = None  # the pooled connection was dead: replay on a fresh one
                     continue
                 break

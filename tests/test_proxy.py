@@ -467,6 +467,56 @@ async def test_a_dead_pooled_connection_is_replaced_without_failing_the_request(
         await asyncio.sleep(0)
 
 
+@pytest.mark.parametrize(("max_retries", "sent"), [(0, 1), (2, 4)])
+async def test_a_post_on_a_pooled_connection_that_dies_at_once_is_resent_only_if_retries_allow(
+    start_proxy, max_retries: int, sent: int
+):
+    """A pooled connection cut the moment a POST went out may be an idle close, or a
+    backend that read the POST and crashed: the two look the same. With retries off the POST
+    is not sent again (the client gets the 502); where the route retries resets, it is
+    replayed on a fresh connection, then retried twice as the policy says."""
+    received: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1]
+                received.append(target)
+                if target == b"/generate":
+                    await reader.readexactly(4)
+                    writer.transport.abort()  # read it, then gone
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        entry = {
+            "name": "p",
+            "backends": [{"url": f"http://127.0.0.1:{port}"}],
+            "health_check": {"enabled": False},
+            "retry": {"max_retries": max_retries},
+        }
+        app = await start_proxy(proxy_config([entry]))
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url(app, "/warm")) as resp:
+                assert resp.status == 200
+            async with s.post(url(app, "/generate"), data=b"body") as resp:
+                assert resp.status == 502
+        assert received.count(b"/generate") == sent
+    finally:
+        server.close()
+        for writer in writers:
+            writer.transport.abort()
+        await asyncio.sleep(0)
+
+
 async def test_a_request_the_backend_held_before_closing_is_not_replayed(start_proxy):
     """A pooled connection that fails long after the request was written (the backend read
     it, held it, then went away) is no idle-close race: the POST is not sent again, and with
