@@ -332,6 +332,14 @@ class Proxy:
                 await asyncio.sleep(delay)
 
     @staticmethod
+    def _untried_left(pool: Pool, tried: list[Backend]) -> bool:
+        """True if an eligible backend has not been tried for the request (it may be full)."""
+        for backend in pool.eligible:
+            if backend not in tried:
+                return True
+        return False
+
+    @staticmethod
     def _may_resend(policy: RetryPolicy) -> bool:
         """Whether the route lets a request the backend may have read be sent again: it
         retries resets. A pooled connection that dies right after the request went out may
@@ -364,10 +372,12 @@ class Proxy:
         """A backend for the next attempt, if one can be had without waiting: an untried one
         if any, else any eligible one. ``None`` when the request must queue (or fail)."""
         candidates = pool.candidates(tried)
+        queue = pool.queue
         if not candidates and tried:
+            if queue is not None and self._untried_left(pool, tried):
+                return None  # an untried backend is only full: queue for it
             candidates = pool.candidates(())  # every backend was tried: retry on any
         # First come, first served: a newcomer queues behind requests already waiting.
-        queue = pool.queue
         if candidates and (queue is None or tried or not queue.waiters):
             return self._pick(req, pool, candidates, tried, info)
         return None
@@ -390,6 +400,8 @@ class Proxy:
             woken = True
             candidates = pool.candidates(tried)
             if not candidates and tried:
+                # The slot that woke it is on a backend it tried: it takes it rather than wait
+                # on (a turn passed on could go round the waiters for ever).
                 candidates = pool.candidates(())
             if candidates:
                 return self._pick(req, pool, candidates, tried, info)

@@ -783,3 +783,31 @@ async def test_requests_still_queued_when_the_grace_period_ends_are_answered_503
         stream.close()
     assert answers == [(503, "overloaded", "1")] * 3
     assert b0.hits == 1
+
+
+async def test_a_retry_waits_for_an_untried_backend_that_is_full_rather_than_repeat_one(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """b0's one slot is held by a stream; a request answered 503 by b1 is retried on b0 once
+    it has room, not sent straight back to b1, which had just failed it."""
+    b0, b1 = await backends(2)
+    admission = {"max_concurrency": 1, "max_queue": 10, "queue_timeout_s": 10}
+    chat = pool("chat", [b0, b1], admission=admission, retry={"max_retries": 1})
+    app = await start_proxy(proxy_config([chat]))
+    async with aiohttp.ClientSession() as session:
+        stream = await session.get(url(app, "/stream?hold=1&chunks=1"))
+        assert stream.headers["x-lb-backend"] == "b0"
+        retried = asyncio.create_task(session.get(url(app, "/status/503")))
+        for _ in range(100):  # bounded: 5 s
+            if b1.hits:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        assert not retried.done()  # queued for b0, not back on b1
+        b0.release.set()
+        await stream.read()
+        resp = await asyncio.wait_for(retried, 5)
+        assert (resp.status, resp.headers["x-lb-backend"]) == (503, "b0")
+        resp.release()
+    assert (b0.hits, b1.hits) == (2, 1)
