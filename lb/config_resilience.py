@@ -125,7 +125,10 @@ class Retry(ConfigModel):
         description="Time to response headers for each try; default timeouts.response_headers_s.",
     )
     deadline_s: float | None = Field(
-        default=None, gt=0, description="No new try starts this long after the request came."
+        default=None,
+        gt=0,
+        description="No new try starts this long after the request came, and the wait for "
+        "response headers ends there.",
     )
     backoff_base_s: float = Field(
         default=0.025, ge=0, description="Backoff before retry n: random in [0, base * 2^n]."

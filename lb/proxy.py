@@ -292,7 +292,7 @@ class Proxy:
                 pool.budget.retries += 1
             statuses = policy.statuses if swallow else NO_STATUSES
             try:
-                error = await self._attempt(client, req, pool, backend, policy, statuses)
+                error = await self._attempt(client, req, pool, backend, policy, statuses, deadline)
             finally:
                 if retries:
                     pool.budget.retries -= 1
@@ -446,13 +446,20 @@ class Proxy:
         backend: Backend,
         policy: RetryPolicy,
         retry_statuses: frozenset[int],
+        deadline: float | None = None,
     ) -> ProxyError | None:
-        """One attempt on ``backend``; returns the error that ended it, or ``None``."""
+        """One attempt on ``backend``; returns the error that ended it, or ``None``.
+        ``deadline`` (loop time): the request's; the wait for response headers ends there."""
         req.attempts += 1
         req.backend_name = backend.name
         upstreams = pool.upstreams[backend]
         timeouts = pool.timeouts
         headers_timeout_s = policy.per_try_timeout_s or timeouts.response_headers_s
+        if deadline is not None:
+            left_s = max(deadline - client.loop.time(), 0.001)
+            headers_timeout_s = (
+                left_s if headers_timeout_s is None else min(headers_timeout_s, left_s)
+            )
         attempt = Attempt(backend, decay_s=pool.rtt_decay_s)
         error: ProxyError | None = None
         status = 0

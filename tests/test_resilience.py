@@ -811,3 +811,20 @@ async def test_a_retry_waits_for_an_untried_backend_that_is_full_rather_than_rep
         assert (resp.status, resp.headers["x-lb-backend"]) == (503, "b0")
         resp.release()
     assert (b0.hits, b1.hits) == (2, 1)
+
+
+async def test_deadline_s_also_ends_the_wait_of_the_try_running_when_it_comes(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """Every backend hangs; tries time out after 1 s and the request's deadline is 1.2 s:
+    the second try is cut at the deadline (a 504 after about 1.2 s), not after its own 1 s."""
+    b0, b1 = await backends(2)
+    retry = {"per_try_timeout_s": 1.0, "deadline_s": 1.2, "backoff_base_s": 0}
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1], retry=retry)]))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with aiohttp.ClientSession() as session, session.get(url(app, "/hang")) as resp:
+        assert resp.status == 504
+    assert loop.time() - started < 1.8  # a whole second try would end after 2 s
+    assert b0.hits + b1.hits == 2
