@@ -28,6 +28,7 @@ from lb.errors import (
     MethodNotAllowed,
     NotImplementedByProxy,
     ProxyError,
+    Rejected,
     RequestTimeout,
     VersionNotSupported,
     error_body,
@@ -63,6 +64,10 @@ log = logging.getLogger("lb.downstream")
 # After an answer to a request whose body is still coming, the client's bytes are read and
 # dropped this long before the connection closes (see ClientConnection.close_lingering).
 LINGER_S: Final = 2.0
+# Connections refused over max_connections are logged at most this often, with their count.
+REFUSAL_LOG_S: Final = 10.0
+_refused = 0
+_refusal_logged_s = float("-inf")
 
 # Reasons the client's reading is paused; reading resumes when none is left.
 # The request fields the head's parse reads; the others are only forwarded.
@@ -146,12 +151,27 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
         self.peer_ip_bytes = self.peer_ip.encode()  # written into every X-Forwarded-For
         if len(self.handler.connections) >= self.limits.max_connections:
-            log.warning("refusing a client connection: %d open", len(self.handler.connections))
-            self.closed = True
-            self.transport.abort()
+            self._refuse()
             return
         self.handler.connections.add(self)
         self._deadline.set_in(self.limits.header_timeout_s)
+
+    def _refuse(self) -> None:
+        """Over ``max_connections``: a 503 with Retry-After, then a lingering close, so the
+        client reads why (a bare close reads as an empty reply). Logged at most once per
+        ``REFUSAL_LOG_S`` with the count, so a flood of connections cannot flood the log."""
+        global _refused, _refusal_logged_s
+        _refused += 1
+        now = self.loop.time()
+        if now - _refusal_logged_s >= REFUSAL_LOG_S:
+            log.warning("refusing client connections: %d open (limits.max_connections); "
+                        "%d refused", len(self.handler.connections), _refused)  # fmt: skip
+            _refusal_logged_s = now
+            _refused = 0
+        self.answer_error(
+            None, Rejected("too many client connections", status=503, retry_after_s=1)
+        )
+        self.close_lingering()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:

@@ -19,7 +19,7 @@ import pytest
 from lb.app import App
 from lb.exchange import DISCARD_WAIT_S
 from lb.proxy import Proxy
-from tests.conftest import pool, proxy_config
+from tests.conftest import pool, proxy_config, raw_exchange
 
 if TYPE_CHECKING:  # imported at run time, pytest would try to collect it as a test class
     from tests.conftest import TestBackend
@@ -1325,3 +1325,34 @@ async def test_a_client_that_reads_nothing_is_not_the_backends_failure(
         writer.close()
     (judged,) = proxy_of(app).pools["p"].backends
     assert judged.ejected_until_s == 0.0 and judged.failures_total == 0
+
+
+async def test_a_connection_over_max_connections_reads_a_503_and_the_rest_are_served(
+    backends, start_proxy
+):
+    """Three idle connections fill ``max_connections: 3``; a fourth gets a 503 with
+    Retry-After it can read (not an empty reply), and once one closes, a new one is served."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])], limits={"max_connections": 3}))
+    held = [await asyncio.open_connection("127.0.0.1", app.port) for _ in range(3)]
+    try:
+        for _ in range(100):  # bounded: 5 s, until the proxy has taken all three
+            if len(app.proxy.connections) == 3:
+                break
+            await asyncio.sleep(0.05)
+        refused = await raw_exchange(app.port, b"GET / HTTP/1.1\r\nhost: lb\r\n\r\n")
+        head, _, body = refused.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert b"retry-after: 1" in head.lower()
+        assert json.loads(body)["error"]["type"] == "overloaded"
+    finally:
+        for _, writer in held:
+            writer.close()
+    for _ in range(100):
+        if not app.proxy.connections:
+            break
+        await asyncio.sleep(0.05)
+    served = await raw_exchange(
+        app.port, b"GET / HTTP/1.1\r\nhost: lb\r\nconnection: close\r\n\r\n"
+    )
+    assert served.startswith(b"HTTP/1.1 200 ")
