@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from lb.config_base import ConfigModel
 
@@ -106,7 +106,20 @@ class OutlierDetection(ConfigModel):
         for item in value:
             if not 100 <= item <= 599:
                 raise ValueError(f"{item} is not an HTTP status")
+            if item < 400:
+                raise ValueError(
+                    f"{item} is no error status: a backend answering it is not failing"
+                )
         return value
+
+    @model_validator(mode="after")
+    def _check_ejection_times(self) -> OutlierDetection:
+        if self.max_ejection_s < self.base_ejection_s:
+            raise ValueError(
+                f"max_ejection_s ({self.max_ejection_s:g}) is shorter than base_ejection_s "
+                f"({self.base_ejection_s:g})"
+            )
+        return self
 
 
 class Retry(ConfigModel):
@@ -153,6 +166,8 @@ class Retry(ConfigModel):
         for item in value:
             if isinstance(item, int) and not 100 <= item <= 599:
                 raise ValueError(f"{item} is not an HTTP status")
+            if isinstance(item, int) and item < 400:
+                raise ValueError(f"{item} is no error status: an answer that worked is not retried")
         return value
 
 

@@ -469,6 +469,36 @@ def test_schema_describes_every_field() -> None:
 
 
 @pytest.mark.parametrize(
+    ("setting", "key", "reason"),
+    [
+        (
+            "outlier_detection: {failure_statuses: [500, 200]}",
+            "pools[0].outlier_detection.failure_statuses",
+            "200 is no error status",
+        ),
+        (
+            "retry: {retry_on: [reset, 200]}",
+            "pools[0].retry.retry_on",
+            "200 is no error status",
+        ),
+        (
+            "outlier_detection: {base_ejection_s: 100, max_ejection_s: 5}",
+            "pools[0].outlier_detection",
+            "max_ejection_s (5) is shorter than base_ejection_s (100)",
+        ),
+    ],
+)
+def test_settings_that_contradict_themselves_are_refused(
+    tmp_path: Path, setting: str, key: str, reason: str
+) -> None:
+    """A 200 counted as a failure or retried, or ejections capped below their first length,
+    can only be mistakes: refused with the key and why, where they used to load silently."""
+    error = load_error(tmp_path, ONE_POOL + f"    {setting}\n")
+    assert error.key == key
+    assert reason in error.reason
+
+
+@pytest.mark.parametrize(
     ("text", "key"),
     [
         ("limits: {header_timeout_s: .inf}\n", "limits.header_timeout_s"),
