@@ -78,6 +78,8 @@ class Backend:
 
     # Eligibility, written by the pool's health, ejection and drain logic (lb.pool).
     healthy: bool = True  # the active health check's verdict
+    # New, with initial_state unhealthy, and not yet probed: not even panic mode sends to it.
+    awaiting_check: bool = False
     drained: bool = False  # taken out by an operator: no new requests
     ejected_until_s: float = 0.0  # passive outlier ejection, on the monotonic clock
     ejections: int = 0  # ejections in the current streak; the next one lasts longer

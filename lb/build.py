@@ -57,9 +57,11 @@ def build_pools(
                 backend = Backend.from_url(bc.url, weight=bc.weight, name=bc.name)
                 if pc.health_check.enabled and pc.health_check.initial_state == "unhealthy":
                     backend.healthy = False
+                    backend.awaiting_check = True
                 fresh.append(backend)
             if not pc.health_check.enabled:
                 backend.healthy = True  # no check will ever pass it again: a reload turned them off
+                backend.awaiting_check = False
             backend.weight = bc.weight
             backend.ssl_context = context if backend.scheme == "https" else None
             backend.server_name = pc.tls.server_name if pc.tls is not None else None

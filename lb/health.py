@@ -206,9 +206,12 @@ class HealthChecker:
         else:
             stats.failed_total += 1
         stats.last_reason = reason
-        if state.record(passed):
+        changed = state.record(passed)
+        if changed:
             # The flag first: the listener reads it when it recomputes availability.
             backend.healthy = state.healthy
+            if state.healthy:
+                backend.awaiting_check = False  # passed: panic may count it from now on
             verdict = "healthy" if state.healthy else "unhealthy"
             level = logging.INFO if state.healthy else logging.WARNING
             log.log(level, "health: pool=%s backend=%s is now %s (%s)",

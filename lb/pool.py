@@ -205,7 +205,9 @@ class Pool:
         # Panic balances over backends that are down, but not over those that asked, with a
         # Retry-After, to be left alone: they said they cannot take the work.
         eligible = (
-            tuple(b for b in serving if b.held_until_s <= now) if panicking else available_set
+            tuple(b for b in serving if b.held_until_s <= now and not b.awaiting_check)
+            if panicking
+            else available_set
         )
         if eligible != self.eligible:
             self.eligible = eligible

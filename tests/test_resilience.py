@@ -828,3 +828,30 @@ async def test_deadline_s_also_ends_the_wait_of_the_try_running_when_it_comes(
         assert resp.status == 504
     assert loop.time() - started < 1.8  # a whole second try would end after 2 s
     assert b0.hits + b1.hits == 2
+
+
+async def test_backends_that_start_unhealthy_get_nothing_until_a_check_passes_even_in_panic(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """``initial_state: unhealthy`` means after the first passing check: with every backend
+    waiting for one, panic mode (which balances over backends known to be down) sends them
+    nothing; the first to pass serves."""
+    b0, b1 = await backends(2)
+    b0.healthy = b1.healthy = False
+    checks = {"initial_state": "unhealthy", "interval_s": 0.05, "jitter_percent": 0}
+    app = await start_proxy(proxy_config([pool("chat", [b0, b1], health_check=checks)]))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(url(app, "/x")) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["error"]["type"] == "no_backend_available"
+        assert (b0.hits, b1.hits) == (0, 0)
+        b1.healthy = True
+        for _ in range(200):  # bounded: 10 s
+            if app.proxy.pools["chat"].backends[1].healthy:
+                break
+            await asyncio.sleep(0.05)
+        async with session.get(url(app, "/x")) as resp:
+            assert (resp.status, resp.headers["x-lb-backend"]) == (200, "b1")
+    assert b0.hits == 0
