@@ -47,11 +47,13 @@ class AdmissionQueue:
     def _reject(self, message: str) -> Rejected:
         return Rejected(message, status=self.reject_status, retry_after_s=self.retry_after_s)
 
-    async def wait(self, *, front: bool = False) -> None:
+    async def wait(self, *, front: bool = False, timeout_s: float | None = None) -> None:
         """Wait for a turn; raises :class:`Rejected` if the queue is full or the wait expires.
 
         ``front`` puts the request first in line: one that was woken but found its slot gone.
+        ``timeout_s``: a shorter wait than the queue's own (the request's deadline is nearer).
         """
+        limit_s = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         if self.closed:
             raise self._closing()
         if not front and len(self.waiters) >= self.max_queue:
@@ -65,13 +67,13 @@ class AdmissionQueue:
             self.waiters.append(fut)
         started = loop.time()
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(limit_s):
                 await fut
         except TimeoutError:
             if not (fut.done() and not fut.cancelled()):
                 self.rejected_timeout += 1
                 raise self._reject(
-                    f"all backends stayed busy for {self.timeout_s:g}s (queue timeout)"
+                    f"all backends stayed busy for {limit_s:g}s (queue timeout)"
                 ) from None
             # woken in the same turn the wait ran out: take the turn
         except BaseException:

@@ -33,7 +33,9 @@ from lb.build import (
     configured_models,
     forwarding_settings,
     listener_limits,
+    restore_backends,
     retire_pools,
+    save_backends,
 )
 from lb.config import Config, ConfigError, admin_token, host_port, load_config
 from lb.downstream import ClientConnection
@@ -245,12 +247,19 @@ class App:
         """
         proxy = self.proxy
         assert proxy is not None
+        saved = save_backends(proxy.pools)
+        built: dict[str, Pool] = {}
         try:
             config = load_config(self.source)
             check_listeners_unchanged(self.config, config, self.source)
-            pools = build_pools(config, self.source, previous=proxy.pools)
+            pools = built = build_pools(config, self.source, previous=proxy.pools)
             router = build_router(config, pools)
         except ConfigError as exc:
+            # Nothing of the refused file may stay: the backends the running pools share
+            # get their state back, and pools built for it stop.
+            for pool in built.values():
+                pool.retire(keep=set(b for b, _ in saved))
+            restore_backends(saved)
             self.reloads.failed += 1
             self.last_reload_error = str(exc)
             for line in str(exc).splitlines():

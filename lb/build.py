@@ -156,10 +156,40 @@ def _all_backends(pools: Mapping[str, Pool] | None) -> set[Backend]:
 
 
 def retire_pools(old: Mapping[str, Pool], new: Mapping[str, Pool]) -> None:
-    """After a reload: stop the old pools, closing connections of backends that left."""
+    """After a reload: stop the old pools, closing connections of backends that left; each
+    learns its successor, where attempts begun before the reload end."""
     keep = _all_backends(new)
     for pool in old.values():
+        pool.successor = new.get(pool.name)
         pool.retire(keep=keep)
+
+
+# What building a pool writes on a backend a reload keeps: put back if the reload is refused.
+_BUILT_FIELDS = (
+    "healthy",
+    "awaiting_check",
+    "available",
+    "weight",
+    "effective_weight",
+    "max_concurrency",
+    "ssl_context",
+    "server_name",
+    "pool_load",
+)
+
+BackendState = list[tuple[Backend, tuple[object, ...]]]
+
+
+def save_backends(pools: Mapping[str, Pool]) -> BackendState:
+    """The fields a build may change on the running pools' backends (see restore_backends)."""
+    return [(b, tuple(getattr(b, name) for name in _BUILT_FIELDS)) for b in _all_backends(pools)]
+
+
+def restore_backends(saved: BackendState) -> None:
+    """Undo what a refused reload's build wrote on backends the running config still uses."""
+    for backend, values in saved:
+        for name, value in zip(_BUILT_FIELDS, values, strict=True):
+            setattr(backend, name, value)
 
 
 def build_router(config: Config, pools: dict[str, Pool]) -> Router:

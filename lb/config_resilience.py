@@ -114,7 +114,14 @@ class OutlierDetection(ConfigModel):
 
     @model_validator(mode="after")
     def _check_ejection_times(self) -> OutlierDetection:
-        if self.max_ejection_s < self.base_ejection_s:
+        # Only when both are written: a long base alone is capped by the default maximum,
+        # as it always was.
+        written = self.model_fields_set
+        if (
+            "max_ejection_s" in written
+            and "base_ejection_s" in written
+            and self.max_ejection_s < self.base_ejection_s
+        ):
             raise ValueError(
                 f"max_ejection_s ({self.max_ejection_s:g}) is shorter than base_ejection_s "
                 f"({self.base_ejection_s:g})"

@@ -45,12 +45,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping. Merge keys
     (``<<: *defaults``) work as in YAML 1.1: a key written out overrides a merged one."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()  # mappings whose own keys were checked
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Flattening rewrites a node's pairs, merged ones included: its own keys are checked
+        # once, as written, before the first flattening (which may come from a mapping that
+        # merges it).
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._check_unique(node)
+        super().flatten_mapping(node)
+
+    def _check_unique(self, node: yaml.MappingNode) -> None:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == _MERGE_TAG:
                 continue  # flattened by SafeConstructor, explicit keys winning
-            key = self.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node)
             try:
                 duplicate = key in seen
             except TypeError:  # unhashable; SafeConstructor reports it below
@@ -58,7 +71,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if duplicate:
                 raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 # A reference as it stands in the file, before any YAML parsing.

@@ -68,6 +68,9 @@ LINGER_S: Final = 2.0
 REFUSAL_LOG_S: Final = 10.0
 _refused = 0
 _refusal_logged_s = float("-inf")
+# Refused connections lingering while their 503 is read, at most; beyond, they are cut.
+MAX_REFUSED_LINGERING: Final = 256
+_refused_lingering = 0
 
 # Reasons the client's reading is paused; reading resumes when none is left.
 # The request fields the head's parse reads; the others are only forwarded.
@@ -96,9 +99,9 @@ class Handler(Protocol):
 
     def handle(self, conn: ClientConnection, req: IncomingRequest) -> Coroutine[Any, Any, None]: ...
 
-    def error_answered(self, req: IncomingRequest | None, err: ProxyError) -> None:
-        """Told of every error answer the proxy makes (``req`` None: input refused before
-        it was a request the handler saw)."""
+    def error_answered(self, req: IncomingRequest | None, err: ProxyError, log_line: bool) -> None:
+        """Told of every error answer the proxy makes; ``log_line``: no handler wrote (or
+        will write) the access-log line for it (input refused before the handler saw it)."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -112,6 +115,8 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = ""
         self.peer_ip_bytes = b""
         self.closed = False
+        self._handed: IncomingRequest | None = None  # the last request given to the handler
+        self._refused = False  # over max_connections: answered 503, lingering
         self.write_paused = False
         self.upstream: Any = None  # the UpstreamConnection answering now, for backpressure
         self._parser = httptools.HttpRequestParser(self)
@@ -168,9 +173,16 @@ class ClientConnection(asyncio.Protocol):
                         "%d refused", len(self.handler.connections), _refused)  # fmt: skip
             _refusal_logged_s = now
             _refused = 0
-        self.answer_error(
-            None, Rejected("too many client connections", status=503, retry_after_s=1)
-        )
+        global _refused_lingering
+        if _refused_lingering >= MAX_REFUSED_LINGERING:
+            self.closed = True  # a flood: no descriptor is held for telling it why
+            self.transport.abort()
+            return
+        # Counted, but no access-log line each: a flood of connections is not a log flood.
+        too_many = Rejected("too many client connections", status=503, retry_after_s=1)
+        self.answer_error(None, too_many, log_line=False)
+        self._refused = True
+        _refused_lingering += 1
         self.close_lingering()
 
     def data_received(self, data: bytes) -> None:
@@ -252,6 +264,10 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        global _refused_lingering
+        if self._refused:
+            self._refused = False
+            _refused_lingering -= 1
         self.closed = True
         self.handler.connections.discard(self)
         self._deadline.cancel()
@@ -278,6 +294,7 @@ class ClientConnection(asyncio.Protocol):
         self._parser = _CLOSED_PARSER
         self._deadline.close()
         self._current = self._last_parsed = self._parsing = None  # their bodies' callbacks
+        self._handed = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -528,6 +545,7 @@ class ClientConnection(asyncio.Protocol):
                     waiter = self._waiter = self.loop.create_future()
                     await waiter
                     continue
+                self._handed = req
                 try:
                     await handler.handle(self, req)
                 except Exception:  # the handler answers its errors: this is a bug, not input
@@ -623,8 +641,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._deadline.set_in(self.limits.header_timeout_s)
 
-    def answer_error(self, req: IncomingRequest | None, err: ProxyError) -> None:
-        """Answer ``err`` as JSON; after a response has started, cut the connection instead."""
+    def answer_error(
+        self, req: IncomingRequest | None, err: ProxyError, *, log_line: bool | None = None
+    ) -> None:
+        """Answer ``err`` as JSON; after a response has started, cut the connection instead.
+        ``log_line``: whether the answer needs its own access-log line (by default, when
+        there is no request, which no handler saw)."""
         if self.closed:
             return
         if req is not None and req.response_started:
@@ -632,7 +654,7 @@ class ClientConnection(asyncio.Protocol):
             return
         keep_ok = err.status in (401, 404, 429, 502, 503, 504)
         self.answer(req, err.status, error_body(err), extra=err.headers, keep_ok=keep_ok)
-        self.handler.error_answered(req, err)
+        self.handler.error_answered(req, err, req is None if log_line is None else log_line)
 
     def answer(
         self,
@@ -720,8 +742,9 @@ class ClientConnection(asyncio.Protocol):
             self.close_lingering()
         elif current is self._parsing:
             # The failing input is the body of the request being answered.
+            never_ran = self._handed is not current  # then no handler logs the request
             self._cancel_task()
-            self.answer_error(current, err)
+            self.answer_error(current, err, log_line=never_ran)
             self.close_lingering()
             if self._task is None:  # it never ran: let go now, not when the lingering ends
                 self._let_go()

@@ -9,6 +9,7 @@ conversation and not only its first message.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,6 @@ _JSON_TYPES: dict[type, str] = {
     list: "an array",
     dict: "an object",
 }
-# Python's limit on converting an integer literal (sys.get_int_max_str_digits' default).
-_MAX_INT_DIGITS = 4300
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +84,8 @@ def prompt_text(body: dict[str, Any]) -> str | None:
 
 def _digits(text: str) -> int | str:
     """An integer literal as a number, or as its digits if it is too long to convert."""
-    return int(text) if len(text) <= _MAX_INT_DIGITS else text
+    limit = sys.get_int_max_str_digits()
+    return int(text) if limit == 0 or len(text) <= limit else text
 
 
 def _loads(data: bytes) -> Any:

@@ -160,6 +160,7 @@ class Pool:
         self._ramp_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._ejected: set[Backend] = set()  # ejected here, their return not yet logged
+        self.successor: Pool | None = None  # the pool a reload replaced this one with
         self.refresh()
 
     # -- eligibility ------------------------------------------------------------------------
@@ -272,8 +273,14 @@ class Pool:
         """Feed passive outlier detection and hand a freed slot to the queue.
 
         ``observed`` is False for an attempt the client abandoned: it tells nothing about the
-        backend, but its slot is free all the same.
+        backend, but its slot is free all the same. An attempt that began before a reload
+        ends in the pool that replaced this one, if that one kept the backend.
         """
+        if self._closed:
+            live = self._successor_with(backend)
+            if live is not None:
+                live.attempt_ended(backend, failed, observed)
+            return
         outliers = self.outliers
         if observed and outliers is not None and outliers.enabled:
             now = self.clock()
@@ -301,6 +308,11 @@ class Pool:
 
     def hold(self, backend: Backend, seconds: float) -> None:
         """Keep ``backend`` out for ``seconds``: it asked for that with ``Retry-After``."""
+        if self._closed:
+            live = self._successor_with(backend)
+            if live is not None:
+                live.hold(backend, seconds)
+            return
         until = self.clock() + seconds
         if until > backend.held_until_s:
             backend.held_until_s = until
@@ -377,6 +389,16 @@ class Pool:
         for backend, upstream in self.upstreams.items():
             if backend not in keep:
                 upstream.close()
+
+    def _successor_with(self, backend: Backend) -> Pool | None:
+        """The live pool that replaced this retired one, through any later reloads, if it
+        kept ``backend``."""
+        pool = self.successor
+        while pool is not None and pool._closed:
+            pool = pool.successor
+        if pool is None or backend not in pool.upstreams:
+            return None
+        return pool
 
     @property
     def retired(self) -> bool:

@@ -30,6 +30,7 @@ from lb.errors import (
     RequestTimeout,
     UpstreamError,
     UpstreamStatus,
+    UpstreamTimeout,
     UpstreamUnreachable,
 )
 from lb.exchange import Exchange
@@ -177,15 +178,19 @@ class Proxy:
                 self._log_access(req, pool, outcome, duration_s)
             client.request_done(req)
 
-    def error_answered(self, req: IncomingRequest | None, err: ProxyError) -> None:
-        """Count an error answer; one made before any request was read (malformed input,
-        a head too large) also gets its access-log line, which no handler wrote."""
+    def error_answered(self, req: IncomingRequest | None, err: ProxyError, log_line: bool) -> None:
+        """Count an error answer; ``log_line``: it was made for input no handler saw
+        (malformed, a head or body over the limits), so it gets its access-log line here."""
         key = (err.status, err.type)
         self.error_responses[key] = self.error_responses.get(key, 0) + 1
-        if req is None and self.access_log.wants(err.status):
+        if not log_line or not self.access_log.wants(err.status):
+            return
+        if req is None:
             self.access_log.log_request(
                 "", "", "", None, None, None, err.status, 0, 0, 0, 0.0, 0.0, err.type
             )
+        else:
+            self._log_access(req, None, err.type, time.monotonic() - req.started_s)
 
     @staticmethod
     def _model_of(req: IncomingRequest, info: RequestInfo | None) -> str | None:
@@ -242,10 +247,10 @@ class Proxy:
         """
         try:
             data = await req.body.collect(self.limits.max_inspect_bytes)
-        except BodyTooLarge:
-            if strict:
-                raise
-            return None
+        except BodyTooLarge as too_large:
+            # Model routes cannot read it, but a later route that names no model may take it
+            # (a large audio upload to a catch-all pool): the 413 is the answer only if not.
+            return too_large if strict else None
         try:
             fields = parse_body(data)
         except ValueError as exc:
@@ -277,9 +282,14 @@ class Proxy:
                 pool = self.pools.get(pool.name, pool)
             backend = self._choose_now(req, pool, tried, info)
             if backend is None:
-                backend = await self._choose_queued(req, pool, tried, info)
+                backend = await self._choose_queued(req, pool, tried, info, deadline)
                 if backend is None:
                     continue  # the pool was replaced while the request queued
+            if deadline is not None and loop.time() >= deadline:
+                raise UpstreamTimeout(
+                    f"no try could start within deadline_s ({policy.deadline_s:g}s)",
+                    pool=pool.name,
+                )
             tried.append(backend)
             # A retried status is read and dropped, so it is only swallowed when a retry is
             # sure to be allowed, the body included; other failures are judged once they happen.
@@ -374,8 +384,12 @@ class Proxy:
         candidates = pool.candidates(tried)
         queue = pool.queue
         if not candidates and tried:
-            if queue is not None and self._untried_left(pool, tried):
-                return None  # an untried backend is only full: queue for it
+            if (
+                queue is not None
+                and len(queue.waiters) < queue.max_queue
+                and self._untried_left(pool, tried)
+            ):
+                return None  # an untried backend is only full: queue for it, if there is room
             candidates = pool.candidates(())  # every backend was tried: retry on any
         # First come, first served: a newcomer queues behind requests already waiting.
         if candidates and (queue is None or tried or not queue.waiters):
@@ -383,7 +397,12 @@ class Proxy:
         return None
 
     async def _choose_queued(
-        self, req: IncomingRequest, pool: Pool, tried: list[Backend], info: RequestInfo
+        self,
+        req: IncomingRequest,
+        pool: Pool,
+        tried: list[Backend],
+        info: RequestInfo,
+        deadline: float | None = None,
     ) -> Backend | None:
         """Wait in the pool's queue until an eligible backend has room, then pick it; None
         when a reload replaced the pool meanwhile."""
@@ -396,7 +415,12 @@ class Proxy:
                 raise NoBackendAvailable(
                     f"no available backend in pool {pool.name}", retry_after_s=pool.held_for_s()
                 )
-            await queue.wait(front=woken)  # woken but beaten to the slot: first in line again
+            # Woken but beaten to the slot: first in line again. The request's deadline, if
+            # sooner, bounds the wait.
+            left_s = None
+            if deadline is not None:
+                left_s = max(deadline - asyncio.get_running_loop().time(), 0.0)
+            await queue.wait(front=woken, timeout_s=left_s)
             woken = True
             candidates = pool.candidates(tried)
             if not candidates and tried:
@@ -455,11 +479,14 @@ class Proxy:
         upstreams = pool.upstreams[backend]
         timeouts = pool.timeouts
         headers_timeout_s = policy.per_try_timeout_s or timeouts.response_headers_s
+        connect_s = timeouts.connect_s
+        cut_by_deadline = False  # the request's deadline, not a timeout of the try, ends it
         if deadline is not None:
             left_s = max(deadline - client.loop.time(), 0.001)
-            headers_timeout_s = (
-                left_s if headers_timeout_s is None else min(headers_timeout_s, left_s)
-            )
+            connect_s = min(connect_s, left_s)
+            if headers_timeout_s is None or left_s < headers_timeout_s:
+                headers_timeout_s = left_s
+                cut_by_deadline = True
         attempt = Attempt(backend, decay_s=pool.rtt_decay_s)
         error: ProxyError | None = None
         status = 0
@@ -468,7 +495,7 @@ class Proxy:
             while True:
                 if conn is None:
                     try:
-                        conn = await upstreams.connect(timeouts.connect_s)
+                        conn = await upstreams.connect(connect_s)
                     except UpstreamUnreachable as err:
                         error = err
                         break
@@ -504,6 +531,8 @@ class Proxy:
                 break
             if isinstance(error, RequestTimeout):
                 raise error  # the client stopped sending its body: nothing learnt of the backend
+            if cut_by_deadline and isinstance(error, UpstreamTimeout):
+                raise error  # the request's deadline ended the wait: nothing learnt either
         except BaseException:  # that, the client leaving, or a bug: the slot is freed unjudged
             attempt.finish(abandoned=True)
             pool.attempt_ended(backend, failed=False, observed=False)

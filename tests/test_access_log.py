@@ -140,6 +140,49 @@ async def test_a_request_refused_before_it_was_read_is_logged_with_its_status(
     )
 
 
+async def test_a_body_refused_in_the_read_that_brought_its_head_is_logged_once(
+    backends, start_proxy
+):
+    """A chunked body over ``max_body_bytes`` arriving with its head is refused before the
+    handler runs: the 413 still gets its one line, with the request's method and path."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])], limits={"max_body_bytes": 1000}))
+    buf = _capture(app)
+    head = b"POST /v1/big HTTP/1.1\r\nhost: lb\r\ntransfer-encoding: chunked\r\n\r\n"
+    raw = await raw_exchange(app.port, head + b"7d0\r\n" + b"x" * 2000 + b"\r\n")
+    assert raw.startswith(b"HTTP/1.1 413 ")
+    (line,) = _lines(app, buf)
+    assert (line["status"], line["outcome"], line["method"], line["path"]) == (
+        413,
+        "body_too_large",
+        "POST",
+        "/v1/big",
+    )
+    assert b0.hits == 0
+
+
+async def test_connections_refused_over_max_connections_are_counted_but_not_logged_each(
+    backends, start_proxy
+):
+    """A connection flood is not an access-log flood: refusals count in the metrics only."""
+    (b0,) = await backends(1)
+    app = await start_proxy(proxy_config([pool("chat", [b0])], limits={"max_connections": 1}))
+    buf = _capture(app)
+    _, held = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        for _ in range(100):  # bounded: 5 s
+            if app.proxy.connections:
+                break
+            await asyncio.sleep(0.05)
+        for _ in range(3):
+            raw = await raw_exchange(app.port, b"GET / HTTP/1.1\r\nhost: lb\r\n\r\n")
+            assert raw.startswith(b"HTTP/1.1 503 ")
+    finally:
+        held.close()
+    assert _lines(app, buf) == []
+    assert app.proxy.error_responses[(503, "overloaded")] == 3
+
+
 async def test_a_request_refused_for_its_key_is_logged_under_the_route_that_asked(
     backends, start_proxy
 ):

@@ -709,6 +709,37 @@ async def test_a_reload_turning_health_checks_off_brings_an_unhealthy_backend_ba
     assert await _served_by(app, 4) == {"b0": 2, "b1": 2}
 
 
+async def test_requests_queued_across_a_reload_that_keeps_the_backend_get_its_freed_slot(
+    backends, start_from_file
+):
+    """One slot, held by a stream begun before a reload of the same file; requests queued
+    before and after it are served as soon as the stream ends (the stream's end is told to
+    the pool that replaced the one it began in), not left to the queue timeout."""
+    (b0,) = await backends(1)
+    admission = {"max_concurrency": 1, "max_queue": 10, "queue_timeout_s": 10}
+    config = proxy_config([pool("chat", [b0], admission=admission)])
+    app, _ = await start_from_file(config)
+    async with aiohttp.ClientSession() as s:
+        holding = asyncio.create_task(_read(s, url(app, "/stream?hold=1&chunks=1")))
+        for _ in range(100):  # bounded: 5 s
+            if b0.active:
+                break
+            await asyncio.sleep(0.05)
+        before = asyncio.create_task(_read(s, url(app, "/before")))
+        await asyncio.sleep(0.1)
+        assert (await _post(app, "/api/v1/reload"))[0] == 200
+        after = asyncio.create_task(_read(s, url(app, "/after")))
+        await asyncio.sleep(0.1)
+        assert not before.done() and not after.done()
+        loop = asyncio.get_running_loop()
+        released = loop.time()
+        b0.release.set()
+        await asyncio.wait_for(holding, 5)
+        served = await asyncio.wait_for(asyncio.gather(before, after), 5)
+        assert loop.time() - released < 5.0  # the queue timeout is 10 s
+    assert served == [(200, "b0"), (200, "b0")]
+
+
 async def test_requests_queued_when_a_reload_replaces_the_backend_go_to_the_new_one(
     backends, start_from_file
 ):
@@ -743,6 +774,32 @@ async def _read(session: aiohttp.ClientSession, target: str) -> tuple[int, str]:
     async with session.get(target) as resp:
         await resp.read()
         return resp.status, resp.headers.get("x-lb-backend", "")
+
+
+async def test_a_refused_reload_leaves_the_running_backends_as_they_were(backends, start_from_file):
+    """A file that turns pool a's checks off but names an unknown strategy for pool b is
+    refused: pool a's unhealthy backend stays out, and its pool keeps counting its load."""
+    b0, b1, b2 = await backends(3)
+    checks = {"interval_s": 0.05, "unhealthy_threshold": 1, "jitter_percent": 0}
+    config = proxy_config([pool("a", [b0, b1], health_check=checks), pool("b", [b2])])
+    app, path = await start_from_file(config)
+    b0.healthy = False
+    for _ in range(200):  # bounded: 10 s
+        if not _backend(await _state(app), "a", "b0")["healthy"]:
+            break
+        await asyncio.sleep(0.05)
+    running = app.proxy.pools["a"]
+    refused = proxy_config_with(
+        config,
+        pool("a", [b0, b1], health_check={"enabled": False}),
+        pool("b", [b2], "no_such_strategy"),
+    )
+    path.write_text(yaml.safe_dump(refused))
+    assert (await _post(app, "/api/v1/reload"))[0] == 400
+    assert app.proxy.pools["a"] is running
+    assert _backend(await _state(app), "a", "b0")["healthy"] is False
+    assert all(b.pool_load is running.load for b in running.backends)
+    assert await _served_by(app, 4) == {"b1": 4}
 
 
 INVALID_FILES: dict[str, Callable[[dict[str, Any]], str]] = {

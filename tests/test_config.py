@@ -277,6 +277,22 @@ def test_a_key_given_twice_beside_a_merge_key_is_still_an_error(tmp_path: Path) 
     assert "duplicate key 'url'" in error.reason
 
 
+def test_a_merge_of_a_mapping_that_merges_another_is_no_duplicate(tmp_path: Path) -> None:
+    """``mid`` merges ``base`` and overrides its strategy; a pool merges ``mid``. However the
+    anchors nest, the override is no duplicate key, and the nearest value wins."""
+    config = load_config(
+        write(
+            tmp_path,
+            """\
+            x-d: {i: {b: &b {strategy: round_robin}, m: &m {<<: *b, strategy: least_connections}}}
+            pools:
+              - {<<: *m, name: chat, backends: [{url: "http://127.0.0.1:8001"}]}
+            """,
+        )
+    )
+    assert config.pools[0].strategy == "least_connections"
+
+
 def test_the_schema_allows_extension_keys_at_the_top_level() -> None:
     """Editors checking the file against ``lb schema`` accept ``x-`` keys, as lb does."""
     schema = Config.model_json_schema()
@@ -466,6 +482,15 @@ def test_schema_describes_every_field() -> None:
         if "description" not in prop
     ]
     assert missing == []
+
+
+def test_a_long_base_ejection_alone_still_loads(tmp_path: Path) -> None:
+    """Only a maximum written below a written base contradicts itself: a base above the
+    default maximum alone loads, capped by that default, as it always did."""
+    config = load_config(
+        write(tmp_path, ONE_POOL + "    outlier_detection: {base_ejection_s: 600}\n")
+    )
+    assert config.pools[0].outlier_detection.base_ejection_s == 600
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ class RecordingHandler:
     def handle(self, conn: ClientConnection, req: IncomingRequest) -> Coroutine[Any, Any, None]:
         return self._handle(conn, req)
 
-    def error_answered(self, req: IncomingRequest | None, err: ProxyError) -> None:
+    def error_answered(self, req: IncomingRequest | None, err: ProxyError, log_line: bool) -> None:
         self.errors.append(err.type)
 
     async def _handle(self, conn: ClientConnection, req: IncomingRequest) -> None:

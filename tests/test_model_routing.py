@@ -193,6 +193,27 @@ async def test_a_body_that_is_not_json_goes_to_a_later_route_that_names_no_model
     assert (b0.hits, b1.hits, b2.hits) == (0, 0, 1)
 
 
+async def test_a_body_too_large_to_read_goes_to_a_later_route_that_names_no_model(
+    backends, start_proxy
+):
+    """An upload past ``max_inspect_bytes`` cannot be read for a model, but a catch-all route
+    takes it, whole; only where no route would is it a 413."""
+    b0, b1, b2 = await backends(3)
+    routes = [*MODEL_ROUTES, {"path_prefix": "/", "pool": "c"}]
+    app = await start_proxy(
+        proxy_config(
+            [pool("a", [b0]), pool("b", [b1]), pool("c", [b2])],
+            routes=routes,
+            limits={"max_inspect_bytes": 4096},
+        )
+    )
+    upload = b"RIFF" + b"\0" * 20000
+    async with aiohttp.ClientSession() as s, s.post(url(app, CHAT), data=upload) as resp:
+        assert resp.status == 200
+        got = await resp.json()
+    assert (got["backend"], got["body_len"]) == ("b2", len(upload))
+
+
 @pytest.mark.parametrize(
     ("body", "code", "message"),
     [

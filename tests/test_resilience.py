@@ -855,3 +855,46 @@ async def test_backends_that_start_unhealthy_get_nothing_until_a_check_passes_ev
         async with session.get(url(app, "/x")) as resp:
             assert (resp.status, resp.headers["x-lb-backend"]) == (200, "b1")
     assert b0.hits == 0
+
+
+async def test_a_request_queued_past_its_deadline_is_answered_without_reaching_a_backend(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """The only slot is held; a request with ``deadline_s: 0.3`` queues for it. Its deadline
+    bounds the wait: it is answered then, and the backend, which never saw it, is not blamed."""
+    (b0,) = await backends(1)
+    admission = {"max_concurrency": 1, "max_queue": 10, "queue_timeout_s": 10}
+    chat = pool("chat", [b0], admission=admission, retry={"deadline_s": 0.3})
+    app = await start_proxy(proxy_config([chat]))
+    backend = app.proxy.pools["chat"].backends[0]
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        stream = await session.get(url(app, "/stream?hold=1&chunks=1"))
+        started = loop.time()
+        async with session.get(url(app, "/late")) as resp:
+            assert resp.status in (503, 504)
+        assert loop.time() - started < 5.0
+        b0.release.set()
+        await stream.read()
+    assert b0.hits == 1  # the stream only
+    assert backend.failures_total == 0
+
+
+async def test_a_retry_with_no_room_in_the_queue_goes_back_to_a_tried_backend(
+    backends: Callable[[int], Awaitable[list[conftest.TestBackend]]],
+    start_proxy: Callable[[dict[str, Any]], Awaitable[App]],
+) -> None:
+    """With ``max_queue: 0`` a retry cannot queue for the untried, full backend: it is tried
+    again where there is room, rather than refused by the queue it was never allowed into."""
+    b0, b1 = await backends(2)
+    admission = {"max_concurrency": 1, "max_queue": 0}
+    chat = pool("chat", [b0, b1], admission=admission, retry={"max_retries": 1})
+    app = await start_proxy(proxy_config([chat]))
+    async with aiohttp.ClientSession() as session:
+        stream = await session.get(url(app, "/stream?hold=1&chunks=1"))
+        async with session.get(url(app, "/status/502")) as resp:
+            assert (resp.status, resp.headers["x-lb-backend"]) == (502, "b1")
+        b0.release.set()
+        await stream.read()
+    assert b1.hits == 2
