@@ -720,11 +720,7 @@ async def test_requests_queued_across_a_reload_that_keeps_the_backend_get_its_fr
     config = proxy_config([pool("chat", [b0], admission=admission)])
     app, _ = await start_from_file(config)
     async with aiohttp.ClientSession() as s:
-        holding = asyncio.create_task(_read(s, url(app, "/stream?hold=1&chunks=1")))
-        for _ in range(100):  # bounded: 5 s
-            if b0.active:
-                break
-            await asyncio.sleep(0.05)
+        holding = await _hold_the_slot(s, app, b0)
         before = asyncio.create_task(_read(s, url(app, "/before")))
         await asyncio.sleep(0.1)
         assert (await _post(app, "/api/v1/reload"))[0] == 200
@@ -751,11 +747,7 @@ async def test_requests_queued_when_a_reload_replaces_the_backend_go_to_the_new_
     config = proxy_config([pool("chat", [old], admission=admission)])
     app, path = await start_from_file(config)
     async with aiohttp.ClientSession() as s:
-        holding = asyncio.create_task(_read(s, url(app, "/stream?hold=1&chunks=1")))
-        for _ in range(100):  # bounded: 5 s
-            if old.active:
-                break
-            await asyncio.sleep(0.05)
+        holding = await _hold_the_slot(s, app, old)
         queued = [asyncio.create_task(_read(s, url(app, f"/q{i}"))) for i in range(3)]
         await asyncio.sleep(0.2)
         assert not any(t.done() for t in queued)
@@ -768,6 +760,18 @@ async def test_requests_queued_when_a_reload_replaces_the_backend_go_to_the_new_
         await asyncio.wait_for(holding, 5)
     assert served == [(200, "b1")] * 3
     assert old.hits == 1
+
+
+async def _hold_the_slot(
+    session: aiohttp.ClientSession, app: App, backend: Any
+) -> asyncio.Task[tuple[int, str]]:
+    """A stream that holds ``backend``'s one slot until its ``release`` is set."""
+    holding = asyncio.create_task(_read(session, url(app, "/stream?hold=1&chunks=1")))
+    for _ in range(100):  # bounded: 5 s
+        if backend.active:
+            break
+        await asyncio.sleep(0.05)
+    return holding
 
 
 async def _read(session: aiohttp.ClientSession, target: str) -> tuple[int, str]:
