@@ -697,11 +697,7 @@ async def test_a_reload_turning_health_checks_off_brings_an_unhealthy_backend_ba
     config = proxy_config([pool("chat", [b0, b1], health_check=checks)])
     app, path = await start_from_file(config)
     b0.healthy = False
-    for _ in range(200):  # bounded: 10 s
-        if not _backend(await _state(app), "chat", "b0")["healthy"]:
-            break
-        await asyncio.sleep(0.05)
-    assert not _backend(await _state(app), "chat", "b0")["healthy"]
+    await _until_unhealthy(app, "chat", "b0")
     off = proxy_config_with(config, pool("chat", [b0, b1], health_check={"enabled": False}))
     path.write_text(yaml.safe_dump(off))
     assert (await _post(app, "/api/v1/reload"))[0] == 200
@@ -762,6 +758,15 @@ async def test_requests_queued_when_a_reload_replaces_the_backend_go_to_the_new_
     assert old.hits == 1
 
 
+async def _until_unhealthy(app: App, pool_name: str, backend: str) -> None:
+    """Wait (at most 10 s) until the proxy's health checks took ``backend`` out."""
+    for _ in range(200):
+        if not _backend(await _state(app), pool_name, backend)["healthy"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{pool_name}/{backend} still healthy after 10 s")
+
+
 async def _hold_the_slot(
     session: aiohttp.ClientSession, app: App, backend: Any
 ) -> asyncio.Task[tuple[int, str]]:
@@ -788,10 +793,7 @@ async def test_a_refused_reload_leaves_the_running_backends_as_they_were(backend
     config = proxy_config([pool("a", [b0, b1], health_check=checks), pool("b", [b2])])
     app, path = await start_from_file(config)
     b0.healthy = False
-    for _ in range(200):  # bounded: 10 s
-        if not _backend(await _state(app), "a", "b0")["healthy"]:
-            break
-        await asyncio.sleep(0.05)
+    await _until_unhealthy(app, "a", "b0")
     running = app.proxy.pools["a"]
     refused = proxy_config_with(
         config,
