@@ -116,8 +116,10 @@ class Proxy:
             router = self.router
             # Why the body names no usable model, when model routes needed it to.
             unusable: ProxyError | None = None
+            read = False  # the body was read for its fields (once is enough, whatever it said)
             if has_body and router.needs_model(req):
                 unusable = await self._read_body_fields(req, info, strict=True)
+                read = True
             try:
                 route = router.match(req, info.model)
             except ModelMissing as missing:
@@ -126,7 +128,7 @@ class Proxy:
                 raise missing if unusable is None else unusable from None
             req.route = route.name
             pool = route.choose_pool(self.rng)
-            if has_body and pool.strategy.needs_body and info.prompt is None and info.model is None:
+            if has_body and not read and pool.strategy.needs_body:
                 await self._read_body_fields(req, info, strict=False)
             if route.auth is not None:
                 route.auth.check(req)
