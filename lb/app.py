@@ -258,7 +258,7 @@ class App:
             # Nothing of the refused file may stay: the backends the running pools share
             # get their state back, and pools built for it stop.
             for pool in built.values():
-                pool.retire(keep=set(b for b, _ in saved))
+                pool.retire(keep={b for b, _ in saved})
             restore_backends(saved)
             self.reloads.failed += 1
             self.last_reload_error = str(exc)

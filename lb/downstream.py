@@ -66,11 +66,23 @@ log = logging.getLogger("lb.downstream")
 LINGER_S: Final = 2.0
 # Connections refused over max_connections are logged at most this often, with their count.
 REFUSAL_LOG_S: Final = 10.0
-_refused = 0
-_refusal_logged_s = float("-inf")
 # Refused connections lingering while their 503 is read, at most; beyond, they are cut.
 MAX_REFUSED_LINGERING: Final = 256
-_refused_lingering = 0
+
+
+class _Refusals:
+    """Connections refused over max_connections, in this process: how many since the last
+    warning and when that was, and how many linger while their 503 is read."""
+
+    __slots__ = ("lingering", "logged_s", "unlogged")
+
+    def __init__(self) -> None:
+        self.unlogged = 0
+        self.logged_s = float("-inf")
+        self.lingering = 0
+
+
+_REFUSALS: Final = _Refusals()
 
 # Reasons the client's reading is paused; reading resumes when none is left.
 # The request fields the head's parse reads; the others are only forwarded.
@@ -165,16 +177,16 @@ class ClientConnection(asyncio.Protocol):
         """Over ``max_connections``: a 503 with Retry-After, then a lingering close, so the
         client reads why (a bare close reads as an empty reply). Logged at most once per
         ``REFUSAL_LOG_S`` with the count, so a flood of connections cannot flood the log."""
-        global _refused, _refusal_logged_s
-        _refused += 1
+        refusals = _REFUSALS
+        refusals.unlogged += 1
         now = self.loop.time()
-        if now - _refusal_logged_s >= REFUSAL_LOG_S:
+        if now - refusals.logged_s >= REFUSAL_LOG_S:
             log.warning("refusing client connections: %d open (limits.max_connections); "
-                        "%d refused", len(self.handler.connections), _refused)  # fmt: skip
-            _refusal_logged_s = now
-            _refused = 0
-        global _refused_lingering
-        if _refused_lingering >= MAX_REFUSED_LINGERING:
+                        "%d refused", len(self.handler.connections),
+                        refusals.unlogged)  # fmt: skip
+            refusals.logged_s = now
+            refusals.unlogged = 0
+        if refusals.lingering >= MAX_REFUSED_LINGERING:
             self.closed = True  # a flood: no descriptor is held for telling it why
             self.transport.abort()
             return
@@ -182,7 +194,7 @@ class ClientConnection(asyncio.Protocol):
         too_many = Rejected("too many client connections", status=503, retry_after_s=1)
         self.answer_error(None, too_many, log_line=False)
         self._refused = True
-        _refused_lingering += 1
+        refusals.lingering += 1
         self.close_lingering()
 
     def data_received(self, data: bytes) -> None:
@@ -264,10 +276,9 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        global _refused_lingering
         if self._refused:
             self._refused = False
-            _refused_lingering -= 1
+            _REFUSALS.lingering -= 1
         self.closed = True
         self.handler.connections.discard(self)
         self._deadline.cancel()

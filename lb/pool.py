@@ -390,15 +390,18 @@ class Pool:
             if backend not in keep:
                 upstream.close()
 
-    def _successor_with(self, backend: Backend) -> Pool | None:
-        """The live pool that replaced this retired one, through any later reloads, if it
-        kept ``backend``."""
-        pool = self.successor
-        while pool is not None and pool._closed:
+    def current(self) -> Pool:
+        """This pool, or the live one that replaced it through any later reloads (this one
+        again when it was closed without a successor: the proxy is stopping)."""
+        pool = self
+        while pool._closed and pool.successor is not None:
             pool = pool.successor
-        if pool is None or backend not in pool.upstreams:
-            return None
         return pool
+
+    def _successor_with(self, backend: Backend) -> Pool | None:
+        """The live pool that replaced this retired one, if it kept ``backend``."""
+        pool = self.current()
+        return pool if pool is not self and backend in pool.upstreams else None
 
     @property
     def retired(self) -> bool:

@@ -281,7 +281,7 @@ class Proxy:
             if pool.retired:
                 # A reload replaced the pool while the request waited or was being tried:
                 # go on in its successor, where removed backends are no longer candidates.
-                pool = self.pools.get(pool.name, pool)
+                pool = pool.current()
             backend = self._choose_now(req, pool, tried, info)
             if backend is None:
                 backend = await self._choose_queued(req, pool, tried, info, deadline)
@@ -411,7 +411,7 @@ class Proxy:
         queue = pool.queue
         woken = False
         while True:
-            if pool.retired and pool.name in self.pools and self.pools[pool.name] is not pool:
+            if pool.retired and pool.current() is not pool:
                 return None
             if queue is None or not pool.eligible:
                 raise NoBackendAvailable(

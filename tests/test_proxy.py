@@ -425,16 +425,44 @@ async def test_a_client_that_leaves_mid_stream_aborts_the_upstream_request(backe
     assert backend.failures_total == 0  # the client left; the backend did nothing wrong
 
 
-async def test_a_dead_pooled_connection_is_replaced_without_failing_the_request(start_proxy):
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+@pytest.fixture
+async def raw_backend() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
+    """Factory: ``await raw_backend(handle)`` serves raw TCP on 127.0.0.1 with ``handle`` and
+    gives its URL; every connection it took is cut when the test ends."""
+    servers: list[asyncio.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(handle: RawHandler) -> str:
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            await handle(reader, writer)
+
+        server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+    for writer in writers:
+        writer.transport.abort()
+    await asyncio.sleep(0)
+
+
+async def test_a_dead_pooled_connection_is_replaced_without_failing_the_request(
+    start_proxy, raw_backend
+):
     """A keep-alive connection the backend closed unseen is retried on a fresh connection."""
     served = 0
-    writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Answers the first request of each connection; drops the second one unanswered,
         # like a server that closed an idle connection just as the proxy reused it.
         nonlocal served
-        writers.append(writer)
         for n in range(2):
             try:
                 await reader.readuntil(b"\r\n\r\n")
@@ -444,42 +472,40 @@ async def test_a_dead_pooled_connection_is_replaced_without_failing_the_request(
                 writer.transport.abort()
                 return
             served += 1
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            writer.write(OK_ANSWER)
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        app = await start_proxy(
-            proxy_config([{"name": "p", "backends": [{"url": f"http://127.0.0.1:{port}"}]}])
-        )
-        async with aiohttp.ClientSession() as s:
-            for _ in range(3):
-                async with s.get(url(app, "/")) as resp:
-                    assert resp.status == 200
-                    assert await resp.read() == b"ok"
-        assert served == 3
-    finally:
-        server.close()
-        for writer in writers:
-            writer.transport.abort()
-        await asyncio.sleep(0)
+    backend = await raw_backend(handle)
+    app = await start_proxy(proxy_config([{"name": "p", "backends": [{"url": backend}]}]))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(url(app, "/")) as resp:
+                assert resp.status == 200
+                assert await resp.read() == b"ok"
+    assert served == 3
+
+
+def one_backend_pool(backend: str, max_retries: int) -> dict[str, Any]:
+    return {
+        "name": "p",
+        "backends": [{"url": backend}],
+        "health_check": {"enabled": False},
+        "retry": {"max_retries": max_retries},
+    }
 
 
 @pytest.mark.parametrize(("max_retries", "sent"), [(0, 1), (2, 4)])
 async def test_a_post_on_a_pooled_connection_that_dies_at_once_is_resent_only_if_retries_allow(
-    start_proxy, max_retries: int, sent: int
+    start_proxy, raw_backend, max_retries: int, sent: int
 ):
     """A pooled connection cut the moment a POST went out may be an idle close, or a
     backend that read the POST and crashed: the two look the same. With retries off the POST
     is not sent again (the client gets the 502); where the route retries resets, it is
     replayed on a fresh connection, then retried twice as the policy says."""
     received: list[bytes] = []
-    writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -489,43 +515,29 @@ async def test_a_post_on_a_pooled_connection_that_dies_at_once_is_resent_only_if
                     await reader.readexactly(4)
                     writer.transport.abort()  # read it, then gone
                     return
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                writer.write(OK_ANSWER)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        entry = {
-            "name": "p",
-            "backends": [{"url": f"http://127.0.0.1:{port}"}],
-            "health_check": {"enabled": False},
-            "retry": {"max_retries": max_retries},
-        }
-        app = await start_proxy(proxy_config([entry]))
-        async with aiohttp.ClientSession() as s:
-            async with s.get(url(app, "/warm")) as resp:
-                assert resp.status == 200
-            async with s.post(url(app, "/generate"), data=b"body") as resp:
-                assert resp.status == 502
-        assert received.count(b"/generate") == sent
-    finally:
-        server.close()
-        for writer in writers:
-            writer.transport.abort()
-        await asyncio.sleep(0)
+    app = await start_proxy(
+        proxy_config([one_backend_pool(await raw_backend(handle), max_retries)])
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(app, "/warm")) as resp:
+            assert resp.status == 200
+        async with s.post(url(app, "/generate"), data=b"body") as resp:
+            assert resp.status == 502
+    assert received.count(b"/generate") == sent
 
 
-async def test_a_request_the_backend_held_before_closing_is_not_replayed(start_proxy):
+async def test_a_request_the_backend_held_before_closing_is_not_replayed(start_proxy, raw_backend):
     """A pooled connection that fails long after the request was written (the backend read
     it, held it, then went away) is no idle-close race: the POST is not sent again, and with
     retries off the client gets the 502."""
     received: list[bytes] = []
-    writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
         try:
             for n in range(2):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -535,38 +547,19 @@ async def test_a_request_the_backend_held_before_closing_is_not_replayed(start_p
                     await asyncio.sleep(STALE_WINDOW_S + 0.5)
                     writer.close()
                     return
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                writer.write(OK_ANSWER)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        app = await start_proxy(
-            proxy_config(
-                [
-                    {
-                        "name": "p",
-                        "backends": [{"url": f"http://127.0.0.1:{port}"}],
-                        "health_check": {"enabled": False},
-                        "retry": {"max_retries": 0},
-                    }
-                ]
-            )
-        )
-        async with aiohttp.ClientSession() as s:
-            async with s.get(url(app, "/warm")) as resp:
-                assert resp.status == 200
-            async with s.post(url(app, "/generate"), data=b"body") as resp:
-                assert resp.status == 502
-                assert (await resp.json())["error"]["type"] == "backend_error"
-        assert received == [b"/warm", b"/generate"]
-    finally:
-        server.close()
-        for writer in writers:
-            writer.transport.abort()
-        await asyncio.sleep(0)
+    app = await start_proxy(proxy_config([one_backend_pool(await raw_backend(handle), 0)]))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(app, "/warm")) as resp:
+            assert resp.status == 200
+        async with s.post(url(app, "/generate"), data=b"body") as resp:
+            assert resp.status == 502
+            assert (await resp.json())["error"]["type"] == "backend_error"
+    assert received == [b"/warm", b"/generate"]
 
 
 async def test_a_strategy_is_loaded_from_a_dotted_path(backends, start_proxy):
